@@ -1,0 +1,3 @@
+from rsnc_bench.cli import main
+
+main()
