@@ -1,0 +1,195 @@
+"""The ``rsnc-bench`` command line: a thin layer over the library.
+
+User errors (``RsncError``) print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rsnc_bench import __version__
+from rsnc_bench.config import parse_assignments, parse_floats
+from rsnc_bench.data import DATASETS, get_dataset
+from rsnc_bench.data.datasets import DatasetSpec
+from rsnc_bench.errors import RsncError
+from rsnc_bench.methods import METHODS
+from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest
+from rsnc_bench.registry import first_line
+
+app = typer.Typer(help="Benchmark for remote-sensing image-text retrieval under noisy correspondence.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+noise_app = typer.Typer(help="Make, inspect and import noise manifests.", no_args_is_help=True)
+list_app = typer.Typer(help="List what is registered.", no_args_is_help=True)
+app.add_typer(noise_app, name="noise")
+app.add_typer(list_app, name="list")
+
+
+def user_errors(command):
+    """Turn an RsncError into one line on stderr and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RsncError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+# --- shared options ----------------------------------------------------------------------------
+DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Registered dataset name (see `list datasets`).")
+DataRootOpt = typer.Option(None, "--data-root", help="Folder holding the dataset; default $RSNC_BENCH_DATA/<name> or ./data/<name>.")
+LayoutOpt = typer.Option(None, "--layout", help="File layout (karpathy, amfmn, csv, nwpu); default: the dataset's own.")
+ImageDirOpt = typer.Option(None, "--image-dir", help="Image folder, if not the layout's default under the root.")
+DatasetOptsOpt = typer.Option(None, "--dataset-opt", "-o", help="Dataset option name=value (e.g. synthetic's n_train=400); repeatable.")
+
+
+def open_dataset(name: str, options: Optional[List[str]]) -> DatasetSpec:
+    spec_cls = DATASETS.get(name)
+    return get_dataset(name, **parse_assignments(spec_cls.Options, options))
+
+
+def dataset_label(spec: DatasetSpec, layout: Optional[str]) -> str:
+    """Folder name for a dataset's manifests: name, layout when not the default, options."""
+    label = spec.name
+    if layout and layout != spec.default_layout:
+        label += f"-{layout}"
+    slug = getattr(spec.options, "slug", None)
+    return f"{label}-{slug()}" if slug else label
+
+
+def rate_tag(rate: Optional[float]) -> str:
+    return "r-" if rate is None else f"r{rate:g}"
+
+
+@noise_app.command("make")
+@user_errors
+def noise_make(
+    dataset: str = DatasetOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    layout: Optional[str] = LayoutOpt,
+    image_dir: Optional[Path] = ImageDirOpt,
+    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
+    protocol: str = typer.Option("rrsitr", "--protocol", "-p", help="Noise protocol (see `list noise`)."),
+    rates: str = typer.Option("0.2,0.4,0.6,0.8", "--rate", "-r", help="Comma-separated noise rates in [0, 1)."),
+    seed: int = typer.Option(42, "--seed", "-s", help="Noise seed (separate from any training seed)."),
+    out: Path = typer.Option(Path("noise"), "--out", help="Folder for the manifests."),
+    force: bool = typer.Option(False, "--force", help="Replace existing manifests that differ."),
+):
+    """Inject noise into a dataset's train split and save one manifest per rate.
+
+    Examples:
+      rsnc-bench noise make                       (synthetic, rrsitr, 0.2..0.8, seed 42)
+      rsnc-bench noise make -d rsicd --data-root ../shared/data/rsicd-subset -p shuffle -r 0.2,0.6
+    """
+    values = [check_rate(r) for r in parse_floats(rates, "noise rates")]
+    PROTOCOLS.get(protocol)
+    spec = open_dataset(dataset, dataset_opt)
+    data = spec.load(data_root, layout=layout, image_dir=image_dir)
+    typer.echo(f"{spec.name} ({data.layout} layout, {data.root})")
+    for line in data.summary():
+        typer.echo(f"  {line}")
+    train = data["train"] if "train" in data.splits else None
+    if train is None:
+        raise RsncError(f"dataset {spec.name!r} has no train split in this layout; noise goes into train rows only")
+    folder = out / dataset_label(spec, layout)
+    typer.echo(f"{'rate':>6} {'realized':>9} {'noisy rows':>16}  manifest")
+    for rate in values:
+        manifest = make_manifest(train, spec.name, protocol, rate, seed)
+        path = folder / f"{protocol}-{rate_tag(rate)}-s{seed}.json"
+        status = manifest.save(path, force=force)
+        typer.echo(f"{rate:6.2f} {manifest.realized_rate:9.4f} {manifest.n_noisy:7d} / {manifest.n_rows:<7d} {path} ({status})")
+
+
+@noise_app.command("show")
+@user_errors
+def noise_show(
+    manifest_path: Path = typer.Argument(..., help="A manifest JSON written by `noise make` or `noise import`."),
+    examples: int = typer.Option(5, "--examples", "-n", help="How many noisy rows to list."),
+):
+    """Verify a manifest and print its summary and a few noisy rows.
+
+    Example: rsnc-bench noise show noise/synthetic-s0-1000-100-200-128px-dup30/rrsitr-r0.6-s42.json
+    """
+    m = NoiseManifest.load(manifest_path)
+    typer.echo(f"{manifest_path}: verified (hash {m.content_hash[:16]})")
+    nominal = "-" if m.rate is None else f"{m.rate:g}"
+    typer.echo(f"  dataset {m.dataset} | protocol {m.protocol} | seed {m.seed} | nominal rate {nominal}")
+    typer.echo(f"  {m.n_rows} train rows over {len(m.images)} images | {m.n_noisy} noisy | realized rate {m.realized_rate:.4f}")
+    if m.source:
+        typer.echo(f"  imported from {m.source}")
+    typer.echo(f"  clean train data hash {m.train_hash[:16]}")
+    for row in [int(r) for r in (~m.clean).nonzero()[0][:examples]]:
+        typer.echo(f"  row {row}: paired with {m.images[m.assigned_image[row]]}, caption of "
+                   f"{m.images[m.orig_image[row]]} (clean row {m.caption_row[row]})")
+
+
+@noise_app.command("import")
+@user_errors
+def noise_import(
+    noisy_csv: Path = typer.Argument(..., help="Noisy filename,title CSV with the clean train file's rows, in order."),
+    dataset: str = DatasetOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    layout: Optional[str] = LayoutOpt,
+    image_dir: Optional[Path] = ImageDirOpt,
+    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
+    rate: Optional[float] = typer.Option(None, "--rate", help="The file's nominal noise rate, if known (e.g. 0.6 for NC-06)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest path; default noise/<dataset>/import-<file>.json."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing manifest that differs."),
+):
+    """Recover a manifest (clean flags, realized rate) from an external noisy CSV.
+
+    Example: rsnc-bench noise import RSITMD-NC-06.csv -d rsitmd --layout csv --data-root data/rsitmd --rate 0.6
+    """
+    if not noisy_csv.is_file():
+        raise RsncError(f"{noisy_csv}: no such file; give the noisy CSV to import")
+    spec = open_dataset(dataset, dataset_opt)
+    data = spec.load(data_root, layout=layout, image_dir=image_dir)
+    manifest = import_noisy_csv(noisy_csv, data["train"], spec.name, rate)
+    path = out or Path("noise") / dataset_label(spec, layout) / f"import-{noisy_csv.stem}.json"
+    status = manifest.save(path, force=force)
+    typer.echo(f"{noisy_csv}: {manifest.n_noisy} of {manifest.n_rows} rows noisy, realized rate "
+               f"{manifest.realized_rate:.4f} -> {path} ({status})")
+
+
+@list_app.command("datasets")
+@user_errors
+def list_datasets(pattern: str = typer.Argument("*", help="Wildcard filter, e.g. 'rs*'.")):
+    """Registered datasets, their layouts and a summary."""
+    for name, cls in DATASETS.items():
+        if name in DATASETS.names(pattern):
+            typer.echo(f"{name:10s} layouts: {', '.join(cls.layouts)} (default {cls.default_layout}) - {first_line(cls.__doc__)}")
+
+
+@list_app.command("noise")
+@user_errors
+def list_noise(pattern: str = typer.Argument("*", help="Wildcard filter.")):
+    """Registered noise protocols."""
+    for name in PROTOCOLS.names(pattern):
+        typer.echo(f"{name:8s} {first_line(PROTOCOLS.get(name).__doc__)}")
+
+
+@list_app.command("methods")
+@user_errors
+def list_methods(pattern: str = typer.Argument("*", help="Wildcard filter.")):
+    """Registered methods (built-in and from installed plugins)."""
+    names = METHODS.names(pattern)
+    if not names:
+        typer.echo("no methods registered yet")
+    for name in names:
+        typer.echo(f"{name:10s} {first_line(METHODS.get(name).__doc__)}")
+
+
+@app.callback(invoke_without_command=True)
+def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        typer.echo(f"rsnc-bench {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()
