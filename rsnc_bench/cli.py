@@ -15,6 +15,7 @@ from rsnc_bench import __version__
 from rsnc_bench.config import parse_assignments, parse_floats
 from rsnc_bench.data import DATASETS, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
+from rsnc_bench.data.images import SplitImages
 from rsnc_bench.errors import RsncError
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest
@@ -24,8 +25,10 @@ app = typer.Typer(help="Benchmark for remote-sensing image-text retrieval under 
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 noise_app = typer.Typer(help="Make, inspect and import noise manifests.", no_args_is_help=True)
 list_app = typer.Typer(help="List what is registered.", no_args_is_help=True)
+data_app = typer.Typer(help="Check datasets and prepare their image caches.", no_args_is_help=True)
 app.add_typer(noise_app, name="noise")
 app.add_typer(list_app, name="list")
+app.add_typer(data_app, name="data")
 
 
 def user_errors(command):
@@ -154,6 +157,34 @@ def noise_import(
     status = manifest.save(path, force=force)
     typer.echo(f"{noisy_csv}: {manifest.n_noisy} of {manifest.n_rows} rows noisy, realized rate "
                f"{manifest.realized_rate:.4f} -> {path} ({status})")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    dataset: str = DatasetOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    layout: Optional[str] = LayoutOpt,
+    image_dir: Optional[Path] = ImageDirOpt,
+    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
+    size: int = typer.Option(224, "--size", help="Resize images to this many pixels (shorter side, centre crop)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Also store the decoded images here for later runs."),
+):
+    """Load a dataset, report its splits and blank captions, and decode every image.
+
+    Example: rsnc-bench data check -d rsicd --data-root ../shared/data/rsicd-subset --cache-dir cache
+    """
+    spec = open_dataset(dataset, dataset_opt)
+    data = spec.load(data_root, layout=layout, image_dir=image_dir)
+    typer.echo(f"{spec.name} ({data.layout} layout, {data.root})")
+    for line in data.summary():
+        typer.echo(f"  {line}")
+    for split in data.splits.values():
+        images = SplitImages(split, size, cache_dir)
+        if cache_dir is None:
+            for i in range(len(images)):
+                images[i]
+        typer.echo(f"  {split.name}: {len(images)} images decoded at {size} px{' and cached' if cache_dir else ''}")
 
 
 @list_app.command("datasets")
