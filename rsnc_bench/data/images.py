@@ -40,7 +40,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             image = image.resize((rw, rh), Image.BICUBIC)
             left, top = (rw - size) // 2, (rh - size) // 2
             image = image.crop((left, top, left + size, top + size))
-            return np.asarray(image, dtype=np.uint8)
+            return np.array(image, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot read image ({exc}); replace the file or drop it from the annotations") from None
 

@@ -139,7 +139,7 @@ def grouped_recall(
     if len(img_of) and int(img_of.max()) >= n_images:
         raise ConfigError(f"caption rows point at image {int(img_of.max())} but the scores have {n_images} images")
     own_in_top = img_of[top_idx] == torch.arange(n_images)[None, :]  # (<=kmax, n_images)
-    i2t = [own_in_top[:k].any(0).float().mean().item() * 100 for k in KS]
+    i2t = [own_in_top[:k].any(0).double().mean().item() * 100 for k in KS]
     t2i = (t2i_hits.double() / len(img_of) * 100).tolist()
     return RetrievalMetrics(*i2t, *t2i)
 
