@@ -1,0 +1,51 @@
+"""Image decoding, resizing and the decoded-image cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rsnc_bench.data.images as images_module
+from rsnc_bench.data.images import SplitImages, load_image
+from rsnc_bench.errors import ImageReadError
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("RGB", "TIFF"), ("RGB", "JPEG")])
+def test_decode_convert_resize_and_centre_crop(tmp_path, mode, fmt):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, 10:30] = 255  # a white centre band on a wide image
+    path = tmp_path / f"wide.{fmt.lower()}"
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
+    out = load_image(path, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out.mean() > 200  # the crop kept the centre band
+    assert out.flags.writeable
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(ImageReadError, match="broken.jpg: cannot read image"):
+        load_image(path, 16)
+
+
+def test_cache_is_built_once_and_reused_without_decoding(synthetic, tmp_path, monkeypatch):
+    split = synthetic["val"]
+    plain = SplitImages(split, 24)
+    cached = SplitImages(split, 24, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("val-24px-*.npy"))) == 1
+    for i in (0, len(split.images) - 1):
+        assert plain[i].shape == (3, 24, 24)
+        assert (plain[i] == cached[i]).all()
+
+    expected = plain[3]
+
+    def no_decoding(*_):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(images_module, "load_image", no_decoding)
+    again = SplitImages(split, 24, cache_dir=tmp_path)
+    assert (again[3] == expected).all()
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        SplitImages(split, 32, cache_dir=tmp_path)  # another size is another cache file
