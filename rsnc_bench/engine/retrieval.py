@@ -111,7 +111,7 @@ def grouped_recall(
     chunk: int = DEFAULT_CHUNK,
 ) -> RetrievalMetrics:
     """R@1/5/10 both ways from a (caption rows x images) score matrix or its row blocks."""
-    img_of = torch.as_tensor(np.asarray(img_of), dtype=torch.long)
+    img_of = torch.tensor(np.asarray(img_of), dtype=torch.long)  # a copy: split arrays are read-only
     blocks = matrix_blocks(scores, chunk) if isinstance(scores, (torch.Tensor, np.ndarray)) else scores
     kmax = max(KS)
     t2i_hits = torch.zeros(len(KS), dtype=torch.long)
