@@ -13,7 +13,7 @@ import typer
 
 from rsnc_bench import __version__
 from rsnc_bench.config import parse_assignments, parse_floats
-from rsnc_bench.data import DATASETS, get_dataset
+from rsnc_bench.data import DATASETS, Dataset, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
 from rsnc_bench.errors import RsncError
@@ -51,18 +51,14 @@ ImageDirOpt = typer.Option(None, "--image-dir", help="Image folder, if not the l
 DatasetOptsOpt = typer.Option(None, "--dataset-opt", "-o", help="Dataset option name=value (e.g. synthetic's n_train=400); repeatable.")
 
 
-def open_dataset(name: str, options: Optional[List[str]]) -> DatasetSpec:
-    spec_cls = DATASETS.get(name)
-    return get_dataset(name, **parse_assignments(spec_cls.Options, options))
-
-
-def dataset_label(spec: DatasetSpec, layout: Optional[str]) -> str:
-    """Folder name for a dataset's manifests: name, layout when not the default, options."""
-    label = spec.name
-    if layout and layout != spec.default_layout:
-        label += f"-{layout}"
-    slug = getattr(spec.options, "slug", None)
-    return f"{label}-{slug()}" if slug else label
+def load_for_cli(name: str, options: Optional[List[str]], data_root, layout, image_dir) -> tuple[DatasetSpec, Dataset]:
+    """Load a dataset from the shared options and print where it came from and its splits."""
+    spec = get_dataset(name, **parse_assignments(DATASETS.get(name).Options, options))
+    data = spec.load(data_root, layout=layout, image_dir=image_dir)
+    typer.echo(f"{spec.name} ({data.layout} layout, {data.root})")
+    for line in data.summary():
+        typer.echo(f"  {line}")
+    return spec, data
 
 
 def rate_tag(rate: Optional[float]) -> str:
@@ -91,15 +87,11 @@ def noise_make(
     """
     values = [check_rate(r) for r in parse_floats(rates, "noise rates")]
     PROTOCOLS.get(protocol)
-    spec = open_dataset(dataset, dataset_opt)
-    data = spec.load(data_root, layout=layout, image_dir=image_dir)
-    typer.echo(f"{spec.name} ({data.layout} layout, {data.root})")
-    for line in data.summary():
-        typer.echo(f"  {line}")
-    train = data["train"] if "train" in data.splits else None
-    if train is None:
+    spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
+    if "train" not in data.splits:
         raise RsncError(f"dataset {spec.name!r} has no train split in this layout; noise goes into train rows only")
-    folder = out / dataset_label(spec, layout)
+    train = data["train"]
+    folder = out / spec.label(layout)
     typer.echo(f"{'rate':>6} {'realized':>9} {'noisy rows':>16}  manifest")
     for rate in values:
         manifest = make_manifest(train, spec.name, protocol, rate, seed)
@@ -150,10 +142,11 @@ def noise_import(
     """
     if not noisy_csv.is_file():
         raise RsncError(f"{noisy_csv}: no such file; give the noisy CSV to import")
-    spec = open_dataset(dataset, dataset_opt)
-    data = spec.load(data_root, layout=layout, image_dir=image_dir)
+    spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
+    if "train" not in data.splits:
+        raise RsncError(f"dataset {spec.name!r} has no train split in this layout; a noisy file replaces train rows")
     manifest = import_noisy_csv(noisy_csv, data["train"], spec.name, rate)
-    path = out or Path("noise") / dataset_label(spec, layout) / f"import-{noisy_csv.stem}.json"
+    path = out or Path("noise") / spec.label(layout) / f"import-{noisy_csv.stem}.json"
     status = manifest.save(path, force=force)
     typer.echo(f"{noisy_csv}: {manifest.n_noisy} of {manifest.n_rows} rows noisy, realized rate "
                f"{manifest.realized_rate:.4f} -> {path} ({status})")
@@ -174,11 +167,7 @@ def data_check(
 
     Example: rsnc-bench data check -d rsicd --data-root ../shared/data/rsicd-subset --cache-dir cache
     """
-    spec = open_dataset(dataset, dataset_opt)
-    data = spec.load(data_root, layout=layout, image_dir=image_dir)
-    typer.echo(f"{spec.name} ({data.layout} layout, {data.root})")
-    for line in data.summary():
-        typer.echo(f"  {line}")
+    spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
     for split in data.splits.values():
         images = SplitImages(split, size, cache_dir)
         if cache_dir is None:

@@ -106,6 +106,8 @@ def ncr_protocol(split: Split, rate: float, seed: int):
 def hard_protocol(split: Split, rate: float, seed: int):
     """Each of int(n*r) rows gets a caption of another image of its scene class."""
     n, k = split.n_rows, int(split.n_rows * rate)
+    if k and split.n_images < 2:
+        raise ConfigError("the hard protocol needs at least two train images")
     rows = np.random.RandomState(seed).permutation(n)[:k]
     pick = np.random.RandomState([seed, k, 1])
     classes = np.array(split.classes, dtype=object)
@@ -118,9 +120,7 @@ def hard_protocol(split: Split, rate: float, seed: int):
         own = split.img_of[i]
         c = row_class[i]
         pool = rows_of_class[c] if c and images_of_class[c] > 1 else all_rows
-        if len(set(split.img_of[pool])) < 2:
-            raise ConfigError("the hard protocol needs at least two train images")
-        while True:
+        while True:  # rejection sampling: the pool always holds another image
             j = pool[pick.randint(len(pool))]
             if split.img_of[j] != own:
                 caption_row[i] = j

@@ -54,6 +54,10 @@ class DatasetSpec:
     def default_root(self) -> Path:
         return data_home() / self.name
 
+    def label(self, layout: str | None = None) -> str:
+        """A file-name-safe name for this dataset as loaded: name, plus a non-default layout."""
+        return self.name if layout in (None, self.default_layout) else f"{self.name}-{layout}"
+
     def scene_class(self, image_name: str) -> str:
         return class_from_prefix(image_name)
 

@@ -448,6 +448,9 @@ class Synthetic(DatasetSpec):
     def default_root(self) -> Path:
         return data_home() / "synthetic" / self.options.slug()
 
+    def label(self, layout: str | None = None) -> str:
+        return f"synthetic-{self.options.slug()}"
+
     def prepare(self, root: Path) -> None:
         stamp = root / STAMP_NAME
         if stamp.exists():
