@@ -29,11 +29,13 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path, synthetic, synthe
     assert other["train"].captions != again["train"].captions
 
 
-def test_growing_the_dataset_keeps_earlier_images():
-    for index in (0, 7):
-        small, large = draw_image(0, index, 48, 0.3), draw_image(0, index, 48, 0.3)
-        assert small[0] == large[0] and small[2] == large[2]
-        assert np.array_equal(np.asarray(small[1]), np.asarray(large[1]))
+def test_growing_the_dataset_keeps_earlier_images(tmp_path):
+    small = load_dataset("synthetic", tmp_path / "small", options=dict(n_train=6, n_val=2, n_test=2, image_size=32))
+    large = load_dataset("synthetic", tmp_path / "large", options=dict(n_train=12, n_val=2, n_test=2, image_size=32))
+    assert large["train"].images[:6] == small["train"].images
+    assert large["train"].captions[:30] == small["train"].captions
+    for name in small["train"].images:
+        assert (tmp_path / "large/images" / name).read_bytes() == (tmp_path / "small/images" / name).read_bytes()
 
 
 def test_read_back_through_the_karpathy_reader(synthetic, synthetic_root):
