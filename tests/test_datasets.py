@@ -10,7 +10,7 @@ from rsnc_bench.data.datasets import class_from_prefix
 from rsnc_bench.engine.retrieval import t2i_ceiling
 from rsnc_bench.errors import DataFormatError, DatasetNotFoundError
 
-from .layouts import five, write_amfmn, write_csv, write_karpathy, write_nwpu
+from .layouts import five, write_amfmn, write_csv, write_image, write_karpathy, write_nwpu
 
 
 def test_sydney_json_key_order_tif_numeric_names_and_native_val(tmp_path):
@@ -66,7 +66,6 @@ def test_csv_absolute_author_paths_tabs_and_gb18030(tmp_path):
     write_csv(tmp_path / "rsitmd_test.csv", rows, delimiter="\t", encoding="gb18030")
     write_csv(tmp_path / "precomp/rsitmd/RSITMD-NC-00.csv", [(f"/abs/boat_{i}.tif", f"train {i}") for i in range(10, 20)])
     for name in [f"boat_{i}.tif" for i in list(range(3)) + list(range(10, 20))] + ["plane_7.tif"]:
-        from .layouts import write_image
         write_image(tmp_path / "images" / name)
     ds = load_dataset("rsitmd", tmp_path, layout="csv")
     assert ds["test"].images == ("boat_0.tif", "boat_1.tif", "boat_2.tif", "plane_7.tif")
@@ -105,7 +104,6 @@ def test_duplicate_filename_rows_are_grouped_by_name_not_position(tmp_path):
     rows = [("a_1.jpg", "x"), ("b_1.jpg", "y"), ("a_1.jpg", "z")]
     write_csv(tmp_path / "rsicd_test.csv", rows)
     for n in ("a_1.jpg", "b_1.jpg"):
-        from .layouts import write_image
         write_image(tmp_path / "RSICD_images" / n)
     ds = load_dataset("rsicd", tmp_path, layout="csv")
     assert ds["test"].img_of.tolist() == [0, 1, 0]

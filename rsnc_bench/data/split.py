@@ -92,7 +92,7 @@ class Dataset:
     layout: str
     root: Path
     splits: dict[str, Split]
-    val_source: str  # "native" (from the files) or "carved ..." (from train, see splits.py)
+    val_source: str  # "native" (from the files) or "carved ..." (from train, see val_carve.py)
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
