@@ -5,3 +5,5 @@ the ``builtin`` entry point of the ``rsnc_bench.methods`` group, so importing it
 the harness finds them, exactly as it finds a third-party package's methods. Import every
 plugin module below.
 """
+
+from methods import baselines  # noqa: F401

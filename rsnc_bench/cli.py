@@ -176,6 +176,87 @@ def data_check(
         typer.echo(f"  {split.name}: {len(images)} images decoded at {size} px{' and cached' if cache_dir else ''}")
 
 
+# --- run and report ------------------------------------------------------------------------------
+@app.command("run")
+@user_errors
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML grid file; command-line values override it."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods or wildcards [default: every registered method]."),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets [default: synthetic]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone(s), comma-separated (see `list backbones`) [default: tiny-vit]."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local weights file for the backbone (never downloaded)."),
+    quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force QuickGELU: needed for OpenAI-initialised weights such as RemoteCLIP and GeoRSCLIP ViT-B-32."),
+    backbone_opt: Optional[List[str]] = typer.Option(None, "--backbone-opt", "-b", help="Backbone family option name=value (e.g. text=/models/bert); repeatable."),
+    noise: Optional[str] = typer.Option(None, "--noise", help="Comma-separated noise rates [default: 0.0,0.4,0.8]."),
+    noise_protocol: Optional[str] = typer.Option(None, "--noise-protocol", help="Noise protocol (see `list noise`) [default: shuffle]."),
+    noise_seeds: Optional[str] = typer.Option(None, "--noise-seeds", help="Comma-separated noise seeds [default: 42]."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds [default: 3]."),
+    data_root: Optional[Path] = DataRootOpt,
+    layout: Optional[str] = LayoutOpt,
+    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
+    train_opt: Optional[List[str]] = typer.Option(None, "--train-opt", "-t", help="Training option name=value (epochs, batch_size, lr, precision, ...); repeatable."),
+    method_opt: Optional[List[str]] = typer.Option(None, "--method-opt", "-m", help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Result folder [default: runs]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: auto: every visible GPU, one cell each]."),
+    force: bool = typer.Option(False, "--force", help="Rerun cells that are already complete."),
+):
+    """Train and evaluate every missing cell of a grid, then print the leaderboard.
+
+    With no arguments: the synthetic dataset, the tiny CPU backbone, every method, noise
+    0.0 / 0.4 / 0.8 (a few minutes on a laptop CPU).
+
+    Examples:
+      rsnc-bench run
+      rsnc-bench run --methods clip-ft,oracle --noise 0.2,0.6 --seeds 3,13,25
+      rsnc-bench run --datasets rsicd --data-root ../shared/data/rsicd-subset --methods clip-ft --noise 0,0.6
+      rsnc-bench run --backbone ViT-B-32-quickgelu --pretrained RemoteCLIP-ViT-B-32.pt --methods zeroshot --datasets rsicd
+      rsnc-bench run --config benchmarks/grids/rsicd-subset.yaml --seeds 3
+    """
+    from rsnc_bench.grid import load_grid, run_grid
+    from rsnc_bench.leaderboard import summary_line
+    from tqdm.auto import tqdm
+
+    cli_values = dict(
+        methods=methods, datasets=datasets, backbones=backbone, pretrained=pretrained, quick_gelu=quick_gelu,
+        backbone_options=backbone_opt or None, noise=noise, noise_protocol=noise_protocol, noise_seeds=noise_seeds,
+        seeds=seeds, data_root=None if data_root is None else str(data_root), layout=layout,
+        dataset_options=dataset_opt or None, train=train_opt or None, method_options=method_opt or None,
+        out=None if out is None else str(out), device=device, force=force or None,
+    )
+    grid = load_grid(config, cli_values)
+    docs, skipped = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
+    failed = sum(doc["status"] != "complete" for doc in docs)
+    typer.echo(f"{len(docs)} cells run ({failed} failed), {skipped} already complete")
+    _write_report(Path(grid.out))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@user_errors
+def report(out: Path = typer.Option(Path("runs"), "--out", help="Result folder written by `rsnc-bench run`.")):
+    """Rebuild the leaderboard (Markdown and CSV) from every result in the folder.
+
+    Example: rsnc-bench report --out runs
+    """
+    if not out.is_dir():
+        raise RsncError(f"result folder {out} not found; run `rsnc-bench run --out {out}` first")
+    _write_report(out)
+
+
+def _write_report(out: Path) -> None:
+    from rsnc_bench.leaderboard import write_leaderboard
+    from rsnc_bench.store import ResultStore
+
+    store = ResultStore(out)
+    docs = list(store.iter_results())
+    for problem in store.problems:
+        typer.echo(f"warning: {problem}", err=True)
+    md_path, csv_path = write_leaderboard(out, docs)
+    typer.echo(md_path.read_text())
+    typer.echo(f"leaderboard: {md_path} and {csv_path} ({len(docs)} results)")
+
+
 @list_app.command("datasets")
 @user_errors
 def list_datasets(pattern: str = typer.Argument("*", help="Wildcard filter, e.g. 'rs*'.")):
@@ -202,6 +283,16 @@ def list_methods(pattern: str = typer.Argument("*", help="Wildcard filter.")):
         typer.echo("no methods registered yet")
     for name in names:
         typer.echo(f"{name:10s} {first_line(METHODS.get(name).__doc__)}")
+
+
+@list_app.command("backbones")
+@user_errors
+def list_backbones(pattern: str = typer.Argument("*", help="Wildcard filter, e.g. 'ViT-B*'.")):
+    """Backbones: presets, families and every open_clip architecture (weights from local files)."""
+    from rsnc_bench.backbones import describe_backbones
+
+    for name, summary in describe_backbones(pattern):
+        typer.echo(f"{name:28s} {summary}")
 
 
 @app.callback(invoke_without_command=True)

@@ -1,9 +1,165 @@
-"""The method registry. Plugins register with ``@METHODS.register("name")``.
+"""The method contract and registry (architecture.md, "The method contract").
+
+A method is a :class:`Method` subclass registered under a short name with a typed config
+whose defaults are the paper's::
+
+    @dataclass(frozen=True)
+    class MyConfig(MethodConfig):
+        margin: float = 0.2
+
+    @METHODS.register("my-method")
+    class MyMethod(Method):
+        \"\"\"One line for `rsnc-bench list methods`.\"\"\"
+        config_type = MyConfig
+
+        def training_loss(self, batch):
+            ...
+            return LossOutput(loss, per_row)
 
 The harness never imports a method by name: the registry loads the ``rsnc_bench.methods``
-entry-point group (the built-in ``methods`` package is one such entry) on first use.
+entry-point group (the built-in ``methods`` package is one entry) on first use. The trainer
+owns data, devices, precision, the optimiser loop, checkpoints and evaluation; a method owns its
+heads, its loss, its scorer and its clean-ness signal.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsnc_bench.backbones.base import DualEncoder, Features
 from rsnc_bench.registry import Registry
 
-METHODS: Registry = Registry("method", entry_point_group="rsnc_bench.methods")
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config. Subclasses add fields whose defaults are the paper's."""
+
+
+@dataclass
+class Batch:
+    """One training batch. ``rows`` are train-split row indices (the noise manifest's rows),
+    ``image_ids`` the index of each row's (possibly noisy) image in the train split."""
+
+    images: torch.Tensor  # [B, 3, S, S] normalised float
+    text: torch.Tensor  # [B, L] token ids
+    rows: torch.Tensor  # [B] long
+    image_ids: torch.Tensor  # [B] long
+
+
+@dataclass
+class LossOutput:
+    """The batch loss to minimise and, per row, the loss or score the method computed for it."""
+
+    loss: torch.Tensor
+    per_row: torch.Tensor | None = None  # [B], detached by the trainer
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """A clean-ness score per train row (higher = cleaner; NaN = not scored) and, when the method
+    has one, its own binary decision that a row is noisy."""
+
+    clean_score: np.ndarray
+    flagged_noisy: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    epoch: int  # 1-based
+    epochs: int
+    n_rows: int  # train rows (after any row selection)
+    steps_per_epoch: int
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class: the plain CLIP pipeline's pieces, each one overridable.
+
+    Capability flags (class variables) tell the trainer what a method needs:
+    ``trains`` (False: evaluate the backbone as given), ``needs_tokens`` (token features at
+    encode time), ``uses_clean_labels`` (sees the manifest's clean flags: only the oracle).
+    ``train_defaults`` holds the paper's training budget (epochs, lr, ...), applied over the
+    harness defaults and under the user's overrides.
+    """
+
+    name: ClassVar[str] = ""
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    trains: ClassVar[bool] = True
+    needs_tokens: ClassVar[bool] = False
+    uses_clean_labels: ClassVar[bool] = False
+
+    def __init__(self, backbone: DualEncoder, config: MethodConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.config_type()
+
+    # --- training -----------------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} trains but defines no training_loss")
+
+    def start_epoch(self, ctx: EpochContext) -> None:
+        """Bookkeeping before each epoch (self-paced splits, queues). Default: nothing."""
+
+    def select_train_rows(self, clean: np.ndarray) -> np.ndarray | None:
+        """Train rows to keep, given the manifest's clean flags; only called when
+        ``uses_clean_labels``. None keeps every row."""
+        return None
+
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups with their own ``lr_scale`` (e.g. new heads at 10x).
+        None: the trainer's default groups over all trainable parameters."""
+        return None
+
+    # --- evaluation ---------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> Features:
+        return self.backbone.encode_image(images, tokens=self.needs_tokens)
+
+    def encode_texts(self, text: torch.Tensor) -> Features:
+        return self.backbone.encode_text(text, tokens=self.needs_tokens)
+
+    def score(self, texts: Features, images: Features) -> torch.Tensor:
+        """[n_texts, n_images] similarity for a chunk of texts against all images.
+        Default: cosine of the global embeddings."""
+        return F.normalize(texts.embedding.float(), dim=-1) @ F.normalize(images.embedding.float(), dim=-1).T
+
+    def rerank(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """An evaluation-time re-ranker over the full [n_texts, n_images] matrix (SAR);
+        reported separately. None: no re-ranker."""
+        return None
+
+    def pair_scores(self) -> PairScores | None:
+        """The method's clean-ness signal for every train row, scored against the manifest."""
+        return None
+
+
+class _MethodRegistry(Registry):
+    def register(self, name: str):
+        add = super().register(name)
+
+        def decorator(cls: type[Method]) -> type[Method]:
+            cls.name = name
+            return add(cls)
+
+        return decorator
+
+
+METHODS: Registry[type[Method]] = _MethodRegistry("method", entry_point_group="rsnc_bench.methods")
+
+
+def info_nce(text: torch.Tensor, image: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE on L2-normalised embeddings with a fixed logit scale (CLIP; methods.md 2.5).
+
+    Returns the mean loss and the per-row loss, (CE(text->images) + CE(image->texts)) / 2.
+    """
+    logits = scale * F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T  # rows = texts
+    target = torch.arange(len(logits), device=logits.device)
+    per_row = (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+    return per_row.mean(), per_row

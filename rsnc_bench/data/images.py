@@ -65,6 +65,16 @@ class SplitImages:
             pixels = load_image(self.split.image_path(index), self.size)
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
+    def stacked(self) -> torch.Tensor:
+        """Every image of the split in one uint8 tensor [N, 3, size, size]."""
+        if self._array is not None:
+            pixels = np.array(self._array)  # a writable copy out of the memory map
+        else:
+            paths = [self.split.image_path(i) for i in range(self.split.n_images)]
+            with ThreadPoolExecutor(self.workers) as pool:
+                pixels = np.stack(list(pool.map(lambda p: load_image(p, self.size), paths)))
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
     def cache_key(self) -> str:
         h = hashlib.sha256(f"v{CACHE_VERSION}:{self.size}".encode())
         for i in range(self.split.n_images):

