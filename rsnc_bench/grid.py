@@ -20,8 +20,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import BackboneConfig, WeightsNotFoundError, describe_backbones
-from rsnc_bench.data.datasets import DATASETS
-from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.config import parse_assignments
+from rsnc_bench.data.datasets import DATASETS, get_dataset
+from rsnc_bench.engine.cell import CellSpec, method_config, run_cell, train_config
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, check_rate
@@ -158,7 +159,7 @@ def expand(grid: GridConfig) -> list[CellSpec]:
     """Every cell of the grid, validated up front so that a typo fails before any training."""
     methods = resolve_methods(grid.methods)
     for name in grid.datasets:
-        DATASETS.get(name)
+        get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(grid.dataset_options)))
     for name in grid.backbones:
         _check_backbone(name)
     PROTOCOLS.get(grid.noise_protocol)
@@ -172,6 +173,9 @@ def expand(grid: GridConfig) -> list[CellSpec]:
         key = CellKey(method, dataset, backbone, grid.noise_protocol, rate, noise_seed, seed)
         cells.append(CellSpec(key, grid.backbone_config(backbone), _method_options(grid, method), grid.train,
                               grid.data_root, grid.layout, grid.dataset_options))
+    for spec in cells:  # option typos fail here, not in every cell
+        method_config(spec)
+        train_config(spec)
     return cells
 
 

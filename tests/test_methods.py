@@ -1,0 +1,103 @@
+"""The method contract: InfoNCE by hand, the baselines' capabilities, plugin discovery."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.engine.optim import cosine_with_warmup, param_groups
+from rsnc_bench.methods import METHODS, info_nce
+from rsnc_bench.store import CellKey, ResultStore
+
+from .conftest import TINY_SYNTHETIC
+
+TINY_OPTS = tuple(f"{k}={v}" for k, v in TINY_SYNTHETIC.items())
+FAST = ("epochs=2", "batch_size=16")
+
+
+def test_info_nce_matches_a_hand_computed_value():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # normalised inside: [1, 0], [.7071, .7071]
+    c = 1 / math.sqrt(2)
+    # logits (scale 1), rows = texts: [[1, c], [0, c]]
+    t2i = [-math.log(math.exp(1) / (math.exp(1) + math.exp(c))), -math.log(math.exp(c) / (1 + math.exp(c)))]
+    i2t = [-math.log(math.exp(1) / (math.exp(1) + 1)), math.log(2)]  # columns [1, 0] and [c, c]
+    expected = [(a + b) / 2 for a, b in zip(t2i, i2t)]
+    loss, per_row = info_nce(text, image, scale=1.0)
+    assert per_row.tolist() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(sum(expected) / 2, abs=1e-6)
+
+
+def test_baselines_are_registered_with_their_capabilities():
+    assert {"zeroshot", "clip-ft", "oracle"} <= set(METHODS.names())
+    assert not METHODS.get("zeroshot").trains
+    oracle = METHODS.get("oracle")
+    assert oracle.uses_clean_labels and not METHODS.get("clip-ft").uses_clean_labels
+    clean = np.array([True, False, True, False])
+    assert oracle.select_train_rows(None, clean).tolist() == [0, 2]
+    assert METHODS.get("clip-ft").train_defaults["lr"] == 7e-6  # methods.md 3.9
+
+
+def test_weight_decay_only_on_matrices_and_warmup_then_cosine():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = param_groups(model, weight_decay=0.7)
+    decayed = [p for g in groups if g["weight_decay"] == 0.7 for p in g["params"]]
+    assert [tuple(p.shape) for p in decayed] == [(4, 3)]
+    assert sum(len(g["params"]) for g in groups) == 4
+    assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
+
+
+PLUGIN = textwrap.dedent('''
+    """A method that lives outside rsnc-bench's own methods/ package."""
+    from dataclasses import dataclass
+    from rsnc_bench.methods import METHODS, LossOutput, Method, MethodConfig, PairScores, info_nce
+    import numpy as np
+
+    @dataclass(frozen=True)
+    class Config(MethodConfig):
+        scale: float = 10.0
+
+    @METHODS.register("outside-plugin")
+    class OutsidePlugin(Method):
+        """InfoNCE at a lower scale, with its per-row loss as a clean-ness signal."""
+        config_type = Config
+
+        def start_epoch(self, ctx):
+            self.losses = np.full(ctx.n_rows, np.nan)
+
+        def training_loss(self, batch):
+            loss, per_row = info_nce(self.backbone.encode_text(batch.text).embedding,
+                                     self.backbone.encode_image(batch.images).embedding, self.config.scale)
+            self.losses[batch.rows.cpu().numpy()] = per_row.detach().cpu().numpy()
+            return LossOutput(loss, per_row)
+
+        def pair_scores(self):
+            return PairScores(-self.losses)
+''')
+
+
+def test_a_plugin_outside_the_package_is_found_through_its_entry_point(tmp_path, monkeypatch, synthetic_root):
+    (tmp_path / "outside_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "outside_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rsnc_bench.methods]\noutside = outside_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(METHODS, "_discovered", False)  # discover again, as a fresh process would
+    monkeypatch.delitem(sys.modules, "outside_plugin", raising=False)
+    assert "outside-plugin" in METHODS.names()
+    key = CellKey("outside-plugin", "synthetic", "tiny-vit", "shuffle", 0.4, 0, 1)
+    doc = run_cell(CellSpec(key, data_root=str(synthetic_root), dataset_options=TINY_OPTS, train_options=FAST,
+                            method_options=("scale=5",)), ResultStore(tmp_path / "runs"))
+    assert doc["status"] == "complete", doc["error"]
+    assert doc["config"]["method"]["scale"] == 5.0
+    assert doc["detection"]["n_noisy"] > 0 and 0 <= doc["detection"]["auroc"] <= 1

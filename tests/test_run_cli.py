@@ -1,0 +1,71 @@
+"""`rsnc-bench run` and `report`: grids from flags and YAML, clear errors, the leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.grid import load_grid
+
+from .conftest import TINY_SYNTHETIC
+from .test_cli import TINY, assert_user_error, run
+
+
+def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, synthetic_root):
+    out = tmp_path / "runs"
+    result = run("run", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--data-root", synthetic_root, *TINY,
+                 "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
+    assert result.exit_code == 0, result.output
+    results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "noise" not in p.parts)
+    assert results == [
+        "synthetic/tiny-vit/clip-ft/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/clip-ft/shuffle-r0.4-n42-s3.json",
+        "synthetic/tiny-vit/zeroshot/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/zeroshot/shuffle-r0.4-n42-s3.json",
+    ]
+    assert "4 cells run (0 failed), 0 already complete" in result.output
+    assert "| clip-ft " in (out / "leaderboard.md").read_text()
+    again = run("run", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--data-root", synthetic_root, *TINY,
+                "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
+    assert "0 cells run (0 failed), 4 already complete" in again.output
+    (out / "leaderboard.md").unlink()
+    report = run("report", "--out", out)
+    assert report.exit_code == 0 and (out / "leaderboard.md").exists() and "zeroshot" in report.output
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--methods", "clip-fx"], ["unknown method 'clip-fx'", "clip-ft"]),
+    (["--datasets", "rsicdd"], ["unknown dataset 'rsicdd'"]),
+    (["--backbone", "ViT-B-23"], ["unknown backbone 'ViT-B-23'"]),
+    (["--pretrained", "/nowhere/RemoteCLIP-ViT-B-32.pt"], ["/nowhere/RemoteCLIP-ViT-B-32.pt", "not found"]),
+    (["--noise", "0.2,x"], ["noise"]),
+    (["--noise", "1.5"], ["outside [0, 1)"]),
+    (["-t", "epochz=3"], ["unknown option 'epochz'"]),
+    (["-m", "clip-ft:scale=3"], ["unknown option 'scale'"]),
+    (["-o", "n_trian=3"], ["no option 'n_trian'"]),
+    (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
+])
+def test_bad_run_arguments_fail_before_training(tmp_path, args, fragments):
+    out = tmp_path / "runs"
+    result = run("run", "--out", out, *args)
+    assert_user_error(result, *fragments)
+    assert not list(out.rglob("*.json")) if out.exists() else True
+
+
+def test_yaml_grid_with_command_line_overrides(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("methods: [clip-ft, oracle]\nnoise: [0.2, 0.6]\nseeds: 3,13\ntrain: {epochs: 2}\n"
+                    "method_options: {clip-ft: {logit_scale: 10}}\ndataset_options: {n_train: 100}\n")
+    grid = load_grid(path, {"noise": "0.8", "seeds": None})
+    assert grid.methods == ("clip-ft", "oracle") and grid.noise == (0.8,) and grid.seeds == (3, 13)
+    assert grid.train == ("epochs=2",) and grid.method_options == ("clip-ft:logit_scale=10",)
+    path.write_text("methods: [clip-ft]\nnoize: [0.2]\n")
+    with pytest.raises(ConfigError, match="unknown key 'noize'"):
+        load_grid(path)
+    path.write_text("methods: [clip-ft\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_grid(path)
+
+
+def test_report_on_a_missing_folder(tmp_path):
+    assert_user_error(run("report", "--out", tmp_path / "nope"), "not found")

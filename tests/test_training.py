@@ -1,0 +1,117 @@
+"""The trainer and grid runner on tiny synthetic data: learning, selection, resume, skip,
+failures that are recorded while the grid goes on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
+from rsnc_bench.grid import GridConfig, run_grid
+from rsnc_bench.methods import METHODS, LossOutput
+from rsnc_bench.store import CellKey, ResultStore
+
+from .conftest import TINY_SYNTHETIC
+
+TINY_OPTS = tuple(f"{k}={v}" for k, v in TINY_SYNTHETIC.items())
+ClipFt = METHODS.get("clip-ft")
+
+
+def spec(root, method="clip-ft", rate=0.0, epochs=3, **kw) -> CellSpec:
+    key = CellKey(method, "synthetic", "tiny-vit", "shuffle", rate, 0, 1)
+    return CellSpec(key, data_root=str(root), dataset_options=TINY_OPTS, train_options=(f"epochs={epochs}", "batch_size=16"), **kw)
+
+
+class Interrupt(BaseException):
+    """Stands in for Ctrl-C or a killed job: not an Exception, so no result is written."""
+
+
+@METHODS.register("test-interrupted")
+class InterruptedOnce(ClipFt):
+    """clip-ft that is killed at the start of epoch 2 the first time."""
+
+    armed = True
+
+    def start_epoch(self, ctx):
+        if ctx.epoch == 2 and type(self).armed:
+            type(self).armed = False
+            raise Interrupt
+
+
+@METHODS.register("test-broken")
+class Broken(ClipFt):
+    """A method with a bug."""
+
+    def training_loss(self, batch):
+        raise RuntimeError("shape mismatch in my head")
+
+
+@METHODS.register("test-nan")
+class NaNLoss(ClipFt):
+    """A method whose loss blows up."""
+
+    def training_loss(self, batch):
+        out = super().training_loss(batch)
+        return LossOutput(out.loss * float("nan"))
+
+
+def test_clip_ft_learns_and_records_everything(tmp_path, synthetic_root):
+    doc = run_cell(spec(synthetic_root, epochs=4), ResultStore(tmp_path))
+    assert doc["status"] == "complete", doc.get("traceback")
+    losses = [e["loss"] for e in doc["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    best = max(doc["history"], key=lambda e: e["val"]["mr"])
+    assert doc["selected_epoch"] == best["epoch"] and doc["val"] == best["val"]
+    zeroshot = run_cell(spec(synthetic_root, method="zeroshot"), ResultStore(tmp_path))
+    assert doc["test"]["mr"] > zeroshot["test"]["mr"]
+    assert zeroshot["selected_epoch"] == 0 and zeroshot["timings"]["train_seconds"] == 0
+    assert doc["timings"]["samples_per_second"] > 0 and doc["environment"]["packages"]["torch"]
+    assert doc["config"]["train"]["epochs"] == 4 and doc["noise"]["manifest_hash"]
+    assert not ResultStore(tmp_path).checkpoint_dir(spec(synthetic_root).key).exists()  # cleaned up
+
+
+def test_train_config_layers(tmp_path, synthetic_root):
+    plain = train_config(replace(spec(synthetic_root), train_options=()))
+    assert plain.lr == 2e-3 and plain.batch_size == 64  # tiny-vit's preset hints over clip-ft's paper budget
+    pretrained = train_config(replace(spec(synthetic_root), train_options=(), backbone=replace(spec(synthetic_root).backbone, name="ViT-B-32")))
+    assert pretrained.lr == 7e-6 and pretrained.epochs == 50 and pretrained.weight_decay == 0.7  # methods.md 3.9
+    assert train_config(spec(synthetic_root)).epochs == 3  # the user's value wins
+
+
+def test_oracle_trains_on_clean_rows_only(tmp_path, synthetic_root):
+    doc = run_cell(spec(synthetic_root, method="oracle", rate=0.4, epochs=1), ResultStore(tmp_path))
+    assert doc["status"] == "complete"
+    assert doc["noise"]["train_rows_used"] == doc["noise"]["n_rows"] - doc["noise"]["n_noisy"]
+
+
+def test_interrupted_cell_resumes_and_matches_an_uninterrupted_run(tmp_path, synthetic_root):
+    store = ResultStore(tmp_path / "a")
+    interrupted = spec(synthetic_root, method="test-interrupted", rate=0.4)
+    with pytest.raises(Interrupt):
+        run_cell(interrupted, store)
+    assert store.read(interrupted.key) is None
+    saved = torch.load(store.checkpoint_dir(interrupted.key) / "last.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 1
+    resumed = run_cell(interrupted, store)
+    assert resumed["status"] == "complete" and [e["epoch"] for e in resumed["history"]] == [1, 2, 3]
+    InterruptedOnce.armed = False
+    straight = run_cell(interrupted, ResultStore(tmp_path / "b"))
+    assert resumed["test"] == straight["test"] and resumed["history"][-1]["loss"] == straight["history"][-1]["loss"]
+
+
+def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root):
+    grid = GridConfig(methods=("test-broken", "test-nan", "zeroshot"), noise=(0.0,), seeds=(1,), noise_seeds=(0,),
+                      data_root=str(synthetic_root), dataset_options=TINY_OPTS, train=("epochs=1", "batch_size=16"), out=str(tmp_path))
+    docs, skipped = run_grid(grid)
+    status = {d["key"]["method"]: d for d in docs}
+    assert skipped == 0 and set(status) == {"test-broken", "test-nan", "zeroshot"}
+    assert status["test-broken"]["status"] == "failed" and "shape mismatch in my head" in status["test-broken"]["error"]
+    assert "RuntimeError" in status["test-broken"]["traceback"]
+    assert status["test-nan"]["status"] == "diverged" and "nan" in status["test-nan"]["error"]
+    assert status["zeroshot"]["status"] == "complete"
+    docs, skipped = run_grid(grid)  # failed cells are retried, the complete one is skipped
+    assert skipped == 1 and {d["key"]["method"] for d in docs} == {"test-broken", "test-nan"}
+    docs, skipped = run_grid(replace(grid, methods=("zeroshot",), force=True))
+    assert skipped == 0 and len(docs) == 1
