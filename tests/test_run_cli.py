@@ -42,7 +42,7 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (["--noise", "1.5"], ["outside [0, 1)"]),
     (["-t", "epochz=3"], ["unknown option 'epochz'"]),
     (["-m", "clip-ft:scale=3"], ["unknown option 'scale'"]),
-    (["-o", "n_trian=3"], ["no option 'n_trian'"]),
+    (["-o", "n_trian=3"], ["unknown option 'n_trian'"]),
     (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
 ])
 def test_bad_run_arguments_fail_before_training(tmp_path, args, fragments):
