@@ -115,3 +115,14 @@ def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root
     assert skipped == 1 and {d["key"]["method"] for d in docs} == {"test-broken", "test-nan"}
     docs, skipped = run_grid(replace(grid, methods=("zeroshot",), force=True))
     assert skipped == 0 and len(docs) == 1
+
+
+def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthetic_root, monkeypatch):
+    import rsnc_bench.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "devices_for", lambda name: ["cpu", "cpu"])  # stands in for two GPUs
+    grid = GridConfig(methods=("zeroshot",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cuda",
+                      data_root=str(synthetic_root), dataset_options=TINY_OPTS, out=str(tmp_path))
+    docs, skipped = run_grid(grid)
+    assert skipped == 0 and sorted(d["key"]["noise_rate"] for d in docs) == [0.0, 0.4]
+    assert all(d["status"] == "complete" and d["environment"]["device"] == "cpu" for d in docs)
