@@ -165,7 +165,7 @@ class Trainer:
         """Put the best-val weights back into the method (after ``fit``)."""
         path = self.ckpt_dir / "best.pt"
         if path.exists():
-            self.method.load_state_dict(torch.load(path, map_location=self.device, weights_only=True)["model"])
+            self.method.load_state_dict(torch.load(path, map_location=self.device, weights_only=False)["model"])  # our own file; may hold extra state
 
     def clear_resume_state(self) -> None:
         (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
