@@ -100,7 +100,7 @@ def load_grid(path: str | Path | None = None, overrides: dict[str, Any] | None =
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"grid file {path} not found; give --config a YAML file such as benchmarks/grids/example.yaml")
+            raise ConfigError(f"grid file {path} not found; give --config a YAML file such as benchmarks/grids/rsicd-subset.yaml")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

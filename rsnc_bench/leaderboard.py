@@ -108,7 +108,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         out += ["No complete results yet.", ""]
     if df.empty:
         return "\n".join(out)
-    out += [f"mR = mean of the six recalls (%), mean ± std (ddof=1) over the n runs (noise seed x train seed); "
+    out += ["mR = mean of the six recalls (%), mean ± std (ddof=1) over the n runs (noise seed x train seed); "
             "i2t = image query -> text gallery, t2i = text query -> image gallery.", ""]
     for (dataset, backbone, protocol), part in df.groupby(GROUP[:3], sort=False):
         show_auroc = bool(part["auroc_mean"].notna().any())
