@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +92,16 @@ def test_options_are_typed_and_stamped(tmp_path, synthetic_root):
         load_dataset("synthetic", synthetic_root, options={**TINY_SYNTHETIC, "seed": 9})
     with pytest.raises(ConfigError, match=">= 1"):
         load_dataset("synthetic", tmp_path / "y", options={"n_test": 0})
+
+
+def test_generation_does_not_depend_on_the_python_hash_seed(tmp_path):
+    """Captions once depended on set order; two processes with different hash seeds must agree."""
+    code = ("import sys; from rsnc_bench.data import load_dataset; "
+            "d = load_dataset('synthetic', sys.argv[1], options=dict(n_train=40, n_val=4, n_test=40, image_size=32)); "
+            "print([s.content_hash() for s in d.splits.values()])")  # the hash covers every caption
+    outputs = [
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    ]
+    assert outputs[0] == outputs[1]

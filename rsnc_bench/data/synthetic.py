@@ -226,7 +226,7 @@ def farmland(c: Canvas):
         c.rect(a, 0, b, 1, COLORS[tone]) if vertical else c.rect(0, a, 1, b, COLORS[tone])
     for e in edges:  # dark field boundaries keep the count visible when neighbours share a colour
         c.line([(e, 0), (e, 1)] if vertical else [(0, e), (1, e)], (70, 56, 36), 0.012)
-    main = max(set(used), key=used.count)
+    main = max(used, key=used.count)  # first of the most common: no set order, which varies with PYTHONHASHSEED
     return "farmland", [f"{count_words(n)} fields in {'vertical' if vertical else 'horizontal'} strips",
                         f"mostly {main} fields"]
 
