@@ -18,7 +18,7 @@ from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
 from rsnc_bench.errors import RsncError
 from rsnc_bench.methods import METHODS
-from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest
+from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest, manifest_path
 from rsnc_bench.registry import first_line
 
 app = typer.Typer(help="Benchmark for remote-sensing image-text retrieval under noisy correspondence.",
@@ -61,10 +61,6 @@ def load_for_cli(name: str, options: Optional[List[str]], data_root, layout, ima
     return spec, data
 
 
-def rate_tag(rate: Optional[float]) -> str:
-    return "r-" if rate is None else f"r{rate:g}"
-
-
 @noise_app.command("make")
 @user_errors
 def noise_make(
@@ -95,7 +91,7 @@ def noise_make(
     typer.echo(f"{'rate':>6} {'realized':>9} {'noisy rows':>16}  manifest")
     for rate in values:
         manifest = make_manifest(train, spec.name, protocol, rate, seed)
-        path = folder / f"{protocol}-{rate_tag(rate)}-s{seed}.json"
+        path = manifest_path(folder, protocol, rate, seed)
         status = manifest.save(path, force=force)
         typer.echo(f"{rate:6.2f} {manifest.realized_rate:9.4f} {manifest.n_noisy:7d} / {manifest.n_rows:<7d} {path} ({status})")
 

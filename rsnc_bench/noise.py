@@ -265,6 +265,11 @@ def _hash_payload(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def manifest_path(folder: str | Path, protocol: str, rate: float, seed: int) -> Path:
+    """Where a manifest lives under a dataset's folder: ``<protocol>-r<rate>-s<seed>.json``."""
+    return Path(folder) / f"{protocol}-r{rate:g}-s{seed}.json"
+
+
 def make_manifest(split: Split, dataset: str, protocol: str, rate: float, seed: int) -> NoiseManifest:
     """Inject noise into a clean train split with a registered protocol."""
     generate: Protocol = PROTOCOLS.get(protocol)

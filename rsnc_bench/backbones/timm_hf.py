@@ -235,9 +235,7 @@ def build_timm_hf(config: BackboneConfig, **preset) -> TimmHfEncoder:
         if opts.image_weights and Path(opts.image_weights) != Path(config.pretrained):
             raise ConfigError(f"pretrained={config.pretrained} and image_weights={opts.image_weights} disagree; give one of them")
         opts = replace(opts, image_weights=config.pretrained)
-    encoder = TimmHfEncoder(opts)
-    encoder.freeze(image=config.freeze_image, text=config.freeze_text)
-    return encoder
+    return TimmHfEncoder(opts)  # build_backbone freezes towers for every family
 
 
 @BACKBONES.register("timm-hf")

@@ -26,8 +26,8 @@ from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_de
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import RsncError
 from rsnc_bench.methods import METHODS, Method
-from rsnc_bench.noise import NoiseManifest, make_manifest
-from rsnc_bench.store import CellKey, ResultStore, format_rate
+from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
+from rsnc_bench.store import CellKey, ResultStore
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def _load(name: str, root: str | None, layout: str | None, options: tuple[str, .
 
 def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_dir: Path) -> tuple[NoiseManifest, Path]:
     """The cell's manifest: loaded when saved before (and checked against the train rows), else made and saved."""
-    path = noise_dir / label / f"{key.noise_protocol}-r{format_rate(key.noise_rate)}-s{key.noise_seed}.json"
+    path = manifest_path(noise_dir / label, key.noise_protocol, key.noise_rate, key.noise_seed)
     if path.exists():
         manifest = NoiseManifest.load(path)
         manifest.check_split(train, where=str(path))
