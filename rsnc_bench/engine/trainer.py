@@ -57,6 +57,12 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
 
 
+def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
+    """Each key a method logged, averaged over the steps that logged it."""
+    keys = dict.fromkeys(k for step in logs for k in step)
+    return {k: float(np.mean([step[k] for step in logs if k in step])) for k in keys}
+
+
 class Diverged(RsncError):
     """The loss became NaN or inf."""
 
@@ -126,7 +132,7 @@ class Trainer:
         for epoch in epochs:
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device))
-            started, losses = time.perf_counter(), []
+            started, losses, logs = time.perf_counter(), [], []
             for rows, image_ids in tqdm(train_batches(self.train, self.rows, cfg.batch_size, order_gen), desc=f"epoch {epoch}", total=steps, unit="batch", leave=False, disable=None):
                 lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
                 batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
@@ -141,12 +147,13 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(out.loss.item())
+                logs.append(out.logs)
                 state["step"] += 1
             seconds = time.perf_counter() - started
             state["train_seconds"] += seconds
             state["samples"] += steps * cfg.batch_size
             val = evaluate(self.method, self.val, self.device, cfg.eval_chunk, self.autocast)["plain"]
-            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict()}
+            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict(), "logs": _mean_logs(logs)}
             self.on_epoch(self.method, entry)
             state["history"].append(entry)
             if val.mr > state["best_mr"]:
