@@ -277,8 +277,9 @@ def list_methods(pattern: str = typer.Argument("*", help="Wildcard filter.")):
     names = METHODS.names(pattern)
     if not names:
         typer.echo("no methods registered yet")
+    width = max(map(len, names), default=0)
     for name in names:
-        typer.echo(f"{name:10s} {first_line(METHODS.get(name).__doc__)}")
+        typer.echo(f"{name:{width}s}  {first_line(METHODS.get(name).__doc__)}")
 
 
 @list_app.command("backbones")

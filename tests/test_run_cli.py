@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
+from rsnc_bench.engine.cell import train_config
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.grid import load_grid
+from rsnc_bench.grid import expand, load_grid
+from rsnc_bench.methods import METHODS
 
 from .test_cli import TINY, assert_user_error, run
 
@@ -67,3 +70,17 @@ def test_yaml_grid_with_command_line_overrides(tmp_path):
 
 def test_report_on_a_missing_folder(tmp_path):
     assert_user_error(run("report", "--out", tmp_path / "nope"), "not found")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "grids").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_grid_file_expands(path):
+    cells = expand(load_grid(path))
+    assert cells and all(cell.key.method in METHODS for cell in cells)
+
+
+def test_rrsitr_paper_grid_is_rrsitrs_protocol():
+    cells = expand(load_grid(Path(__file__).parents[1] / "benchmarks" / "grids" / "rrsitr-paper.yaml"))
+    assert len(cells) == 3 * 2 * 5 * 5
+    assert {c.key.noise_protocol for c in cells} == {"rrsitr"} and {c.key.train_seed for c in cells} == {3, 13, 25, 42, 65}
+    rrsitr = train_config(next(c for c in cells if c.key.method == "rrsitr"))
+    assert (rrsitr.epochs, rrsitr.batch_size, rrsitr.lr, rrsitr.warmup_steps, rrsitr.weight_decay) == (50, 100, 7e-6, 200, 0.7)
