@@ -128,9 +128,9 @@ class Rrsitr(ClipPipeline):
         if self.gammas is None:  # quantile mode, epoch 1: unweighted per-pair loss
             return LossOutput(losses.mean(), losses.detach(), {"calibrating": 1.0})
         terms, category, weight = rrsitr_terms(losses, s_global, self.config, *self.gammas)
-        share = torch.bincount(category, minlength=3).float() / len(category)
-        logs = {"clean": float(share[CLEAN]), "ambiguous": float(share[AMBIGUOUS]), "noisy": float(share[NOISY]),
-                "weight": float(weight.mean()), "gamma_clean": self.gammas[0], "gamma_noisy": self.gammas[1]}
+        share = (torch.bincount(category, minlength=3).float() / len(category)).tolist()  # indexed by CLEAN, AMBIGUOUS, NOISY
+        logs = {"clean": share[CLEAN], "ambiguous": share[AMBIGUOUS], "noisy": share[NOISY],
+                "weight": weight.mean().item(), "gamma_clean": self.gammas[0], "gamma_noisy": self.gammas[1]}
         return LossOutput(terms.mean(), losses.detach(), logs)
 
     def _record(self, rows: torch.Tensor, losses: torch.Tensor) -> None:

