@@ -3,6 +3,9 @@
 A configuration is (dataset, backbone, noise_protocol, noise_rate, method); its runs are the
 complete cells with distinct (noise_seed, train_seed). Cells that failed or diverged are
 counted in ``failed`` so a table shows what is missing.
+
+An evaluation-time re-ranker's test metrics (``test_rerank``, tagged ``rerank_tag`` such as
+"sar") get a row of their own, method ``<method>+<tag>``, next to the plain one.
 """
 
 from __future__ import annotations
@@ -44,23 +47,35 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, Any]]:
+    """(method name, metrics) per row a complete document contributes: the plain one, plus
+    ``<method>+<tag>`` from ``test_rerank`` on the test split."""
+    rows = [(method, doc.get(split))]
+    if split == "test" and isinstance(doc.get("test_rerank"), dict):
+        tag = doc.get("rerank_tag")
+        rows.append((f"{method}+{tag if isinstance(tag, str) and tag else 'rerank'}", doc["test_rerank"]))
+    return rows
+
+
 def leaderboard(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
     """Mean/std of mR and the six recalls of ``split`` ("test", "val" or "test_last") per configuration.
 
     std uses ddof=1 and is NaN for a single run. A complete cell without metrics for ``split``
     is left out. ``auroc_mean`` averages the runs that report a detection AUROC (NaN if none).
+    A test re-rank (``test_rerank``) adds a ``<method>+<rerank_tag>`` row (tag "rerank" if unnamed).
     A cell found twice (same key) counts once. Sorted by dataset, backbone, protocol, rate, then mR (best first).
     """
     runs, failed = [], []
     for key, doc in _latest(results).items():
         group = {name: getattr(key, name) for name in GROUP}
-        metrics = doc.get(split)
         if doc["status"] != "complete":
             failed.append(group)
-        elif isinstance(metrics, dict):
-            detection = doc.get("detection") if isinstance(doc.get("detection"), dict) else {}
-            runs.append({**group, **{m: _number(metrics.get(m)) for m in METRICS},
-                         "auroc": _number(detection.get("auroc"))})
+            continue
+        detection = doc.get("detection") if isinstance(doc.get("detection"), dict) else {}
+        for method, metrics in _rows(doc, key.method, split):
+            if isinstance(metrics, dict):
+                runs.append({**group, "method": method, **{m: _number(metrics.get(m)) for m in METRICS},
+                             "auroc": _number(detection.get("auroc"))})
     frames = []
     if runs:
         stats = pd.DataFrame(runs).groupby(GROUP, sort=False)

@@ -25,7 +25,7 @@ heads, its loss, its scorer and its clean-ness signal.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsnc_bench.backbones.base import DualEncoder, Features
+from rsnc_bench.engine.retrieval import Reranked
 from rsnc_bench.registry import Registry
 
 
@@ -64,10 +65,12 @@ class LossOutput:
 @dataclass(frozen=True)
 class PairScores:
     """A clean-ness score per train row (higher = cleaner; NaN = not scored) and, when the method
-    has one, its own binary decision that a row is noisy."""
+    has one, its own binary decision that a row is noisy. ``others`` holds further named
+    clean-ness scores (same convention), each scored against the manifest as well."""
 
     clean_score: np.ndarray
     flagged_noisy: np.ndarray | None = None
+    others: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True
     needs_tokens: ClassVar[bool] = False
     uses_clean_labels: ClassVar[bool] = False
+    rerank_tag: ClassVar[str] = "rerank"  # leaderboard suffix of the re-ranked results ("iebaker+sar")
 
     def __init__(self, backbone: DualEncoder, config: MethodConfig | None = None):
         super().__init__()
@@ -104,6 +108,10 @@ class Method(nn.Module):
     # --- training -----------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} trains but defines no training_loss")
+
+    def prepare(self, captions: Sequence[str]) -> None:
+        """Called once before training with the train captions in row order, as paired (noise
+        included): e.g. to build a keyword vocabulary. Default: nothing."""
 
     def start_epoch(self, ctx: EpochContext) -> None:
         """Bookkeeping before each epoch (self-paced splits, queues). Default: nothing."""
@@ -130,9 +138,10 @@ class Method(nn.Module):
         Default: cosine of the global embeddings."""
         return F.normalize(texts.embedding.float(), dim=-1) @ F.normalize(images.embedding.float(), dim=-1).T
 
-    def rerank(self, scores: torch.Tensor) -> torch.Tensor | None:
-        """An evaluation-time re-ranker over the full [n_texts, n_images] matrix (SAR);
-        reported separately. None: no re-ranker."""
+    def rerank(self, scores: torch.Tensor) -> torch.Tensor | Reranked | None:
+        """An evaluation-time re-ranker over the full [n_texts, n_images] matrix: a re-scored
+        matrix, or a ``Reranked`` pair when text->image and image->text re-rank differently
+        (SAR). Reported separately, tagged ``rerank_tag``. None: no re-ranker."""
         return None
 
     def pair_scores(self) -> PairScores | None:

@@ -57,7 +57,7 @@ class OpenClipEncoder(DualEncoder):
 
     def __init__(self, model: open_clip.CLIP, tokenizer, norm: tuple | None = None):
         super().__init__()
-        self.model, self._tokenizer = model, tokenizer
+        self.model, self.tokenizer = model, tokenizer  # public: methods that re-tokenize (KER) use it
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", model.visual.image_size)
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -65,7 +65,7 @@ class OpenClipEncoder(DualEncoder):
         self.embed_dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.visual.output_dim
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self._tokenizer(list(texts)).long()
+        return self.tokenizer(list(texts)).long()
 
     def encode_image(self, images: torch.Tensor, tokens: bool = False) -> Features:
         visual = self.model.visual

@@ -136,7 +136,11 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         scores = m.pair_scores()
         if scores is not None:
             entry["detection"] = detection_metrics(scores.clean_score, manifest.clean, scores.flagged_noisy).as_dict()
+            if scores.others:
+                entry["detection_others"] = {name: detection_metrics(score, manifest.clean).as_dict() for name, score in scores.others.items()}
 
+    if method.trains:
+        method.prepare(train_split.captions)
     fingerprint = _fingerprint(doc["config"], doc["noise"]["manifest_hash"], key.as_dict())
     trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection)
     outcome = trainer.fit()
@@ -151,7 +155,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
                test=selected["plain"].as_dict(), test_last=last["plain"].as_dict(), detection=chosen.get("detection"))
     if "rerank" in selected:
-        doc["test_rerank"] = selected["rerank"].as_dict()
+        doc.update(test_rerank=selected["rerank"].as_dict(), rerank_tag=method.rerank_tag)
     doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
                           samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
                           precision=outcome.precision)

@@ -8,7 +8,7 @@ import torch
 
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.batches import Preprocess, SplitTensors
-from rsnc_bench.engine.retrieval import RetrievalMetrics, grouped_recall
+from rsnc_bench.engine.retrieval import Reranked, RetrievalMetrics, grouped_recall, grouped_recall_reranked
 from rsnc_bench.methods import Method
 
 
@@ -60,7 +60,9 @@ def evaluate(method: Method, data: SplitTensors, device: torch.device, chunk: in
             scores = torch.cat(list(score_blocks(method, texts, images, chunk)))
         out = {"plain": grouped_recall(scores, img_of, chunk=chunk)}
         reranked = method.rerank(scores)
-        if reranked is not None:
+        if isinstance(reranked, Reranked):  # one matrix per direction (SAR)
+            out["rerank"] = grouped_recall_reranked(reranked, img_of, chunk=chunk)
+        elif reranked is not None:
             out["rerank"] = grouped_recall(reranked, img_of, chunk=chunk)
         return out
     finally:

@@ -15,6 +15,9 @@ numbers equal clip_benchmark's ``recall_at_k``.
 Memory is bounded by the chunk: scores arrive as blocks of consecutive caption rows
 (``chunk x n_images``), either sliced from a matrix or produced by a method's scorer, and
 image->text keeps only a running top-K per image.
+
+A re-ranker that re-sorts both directions (SAR) returns a ``Reranked`` pair of matrices, one
+per direction; ``grouped_recall_reranked`` reads each direction from its own matrix.
 """
 
 from __future__ import annotations
@@ -59,6 +62,15 @@ class RetrievalMetrics:
         """Two decimals, directions spelled out."""
         parts = [f"{DIRECTIONS[key[:3]]} R@{key[5:]} {value:.2f}" for key, value in asdict(self).items()]
         return " | ".join(parts) + f" | mR {self.mr:.2f} | rSum {self.rsum:.2f}"
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """Re-ranked scores, one [n_texts, n_images] matrix per direction: ``t2i`` is read row-wise
+    (text queries), ``i2t`` column-wise (image queries)."""
+
+    t2i: torch.Tensor
+    i2t: torch.Tensor
 
 
 def matrix_blocks(scores: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK) -> Iterator[torch.Tensor]:
@@ -142,6 +154,15 @@ def grouped_recall(
     i2t = [own_in_top[:k].any(0).double().mean().item() * 100 for k in KS]
     t2i = (t2i_hits.double() / len(img_of) * 100).tolist()
     return RetrievalMetrics(*i2t, *t2i)
+
+
+def grouped_recall_reranked(reranked: Reranked, img_of: np.ndarray | torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> RetrievalMetrics:
+    """Text->image recalls from ``reranked.t2i``, image->text recalls from ``reranked.i2t``."""
+    if reranked.t2i.shape != reranked.i2t.shape:
+        raise ConfigError(f"re-ranked matrices differ in shape: t2i {tuple(reranked.t2i.shape)}, i2t {tuple(reranked.i2t.shape)}")
+    t2i = grouped_recall(reranked.t2i, img_of, chunk=chunk)
+    i2t = grouped_recall(reranked.i2t, img_of, chunk=chunk)
+    return RetrievalMetrics(i2t.i2t_r1, i2t.i2t_r5, i2t.i2t_r10, t2i.t2i_r1, t2i.t2i_r5, t2i.t2i_r10)
 
 
 def t2i_ceiling(captions: Iterable[str], img_of: Iterable[int]) -> dict[str, float]:

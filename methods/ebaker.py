@@ -1,0 +1,267 @@
+"""EBAKER (Ji et al., ACM MM 2024) and iEBAKER (Zhang et al., arXiv 2504.05644): eliminate before
+align, keyword explicit reasoning and, optionally, sort after reversed retrieval (methods.md
+section 4), on the shared CLIP pipeline.
+
+- EBA: a bank of recent positive-pair similarities; at each epoch start a threshold at the drop
+  ratio; from the drop epoch on, pairs at or below it stop being anchors but stay in the batch as
+  negatives. ``split`` (iEBAKER) keeps separate global and local banks and masks, ``joint``
+  (EBAKER) masks both losses with the global one.
+- Bank size (methods.md 4.4): the papers' 200,000-entry bank starts full of N(0, 1) numbers, and on
+  a single dataset it never fills with real values, so nothing is eliminated. Here the bank holds
+  one epoch of training pairs and thresholds only real values by default. ``bank_size=200000``
+  keeps the papers' size, and ``bank_init=normal`` reproduces their random start. The share of
+  real entries is logged every step, so a silent no-op shows.
+- KER (methods.md 4.2): masked-keyword language modelling through the same text tower, conditioned
+  on the image patches (``methods/keywords.py``).
+- SAR (methods.md 4.5, reconstructed): an evaluation-time reverse-rank re-ranker, off by default;
+  results carry the ``+sar`` tag.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
+
+EBA_MODES = ("split", "joint")
+BANK_INITS = ("empty", "normal")
+PAPER_BANK_SIZE = 200_000
+
+
+@dataclass(frozen=True)
+class EbakerConfig(ClipPipelineConfig):
+    fusion_alpha: float = 0.6  # S_f = 0.6 S^g + 0.4 S^l (methods.md 4.6)
+    eba: str = "joint"  # EBAKER: one global mask for both losses
+    drop_ratio: float = 0.01
+    drop_epoch: int = 4  # 0-based epoch index from which pairs are eliminated (the 5th epoch)
+    bank_size: int = 0  # 0: one epoch of training pairs; the papers use 200000
+    bank_init: str = "empty"  # "normal": start full of N(0, 1) entries, as the papers' code
+    noise_estimate: float = 0.0  # NON-PAPER variant: when > 0, drop_ratio is this estimate of the noise rate
+    ker_weight: float = 0.5  # 0 turns KER off (needed for backbones without open_clip's CLIP tokenizer)
+    keywords: int = 512  # size of the keyword vocabulary built from the training captions
+    ker_faithful_offset: bool = False  # True: the original code's word-index-as-token-index masking
+    ker_heads: int = 8
+    ker_layers: int = 2
+    sar: bool = False  # evaluation-time SAR re-rank (reconstructed), reported as <method>+sar
+    sar_k: int = 10
+
+    def __post_init__(self):
+        if self.eba not in EBA_MODES:
+            raise ConfigError(f"eba={self.eba!r}; choose one of {', '.join(EBA_MODES)}")
+        if self.bank_init not in BANK_INITS:
+            raise ConfigError(f"bank_init={self.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
+        if not 0 <= self.drop_ratio < 1 or not 0 <= self.noise_estimate < 1:
+            raise ConfigError("drop_ratio and noise_estimate must lie in [0, 1)")
+        if self.bank_size < 0 or self.sar_k < 1:
+            raise ConfigError("bank_size must be >= 0 (0: one epoch of pairs) and sar_k >= 1")
+
+    @property
+    def effective_drop_ratio(self) -> float:
+        return self.noise_estimate if self.noise_estimate > 0 else self.drop_ratio
+
+
+class SimilarityBank:
+    """A FIFO bank of recent positive-pair similarities (methods.md 4.3) that knows which of its
+    entries are real."""
+
+    def __init__(self, size: int, random_init: bool = False, generator: torch.Generator | None = None):
+        self.values = torch.randn(size, generator=generator) if random_init else torch.zeros(size)
+        self.filled = size if random_init else 0  # entries holding a value (real or initial)
+        self.real = 0  # entries holding a real similarity
+        self.next = 0
+
+    def push(self, values: torch.Tensor) -> None:
+        values = values.detach().float().cpu().flatten()[-len(self.values):]
+        index = (self.next + torch.arange(len(values))) % len(self.values)
+        self.values[index] = values
+        self.next = int(index[-1] + 1) % len(self.values) if len(values) else self.next
+        self.filled = min(len(self.values), self.filled + len(values))
+        self.real = min(len(self.values), self.real + len(values))
+
+    def threshold(self, ratio: float) -> float | None:
+        """ascending(bank)[floor(ratio * n)] over the entries that hold a value; None when empty."""
+        if self.filled == 0:
+            return None
+        held = self.values if self.filled == len(self.values) else self.values[: self.filled]
+        ordered = torch.sort(held).values
+        return float(ordered[min(len(ordered) - 1, math.floor(ratio * len(ordered)))])
+
+    def state(self) -> dict:
+        return {"values": self.values.clone(), "filled": self.filled, "real": self.real, "next": self.next}
+
+    @classmethod
+    def from_state(cls, state: dict) -> SimilarityBank:
+        bank = cls(0)
+        bank.values, bank.filled, bank.real, bank.next = state["values"].clone(), state["filled"], state["real"], state["next"]
+        return bank
+
+
+def keep_anchors(positive: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Pairs above the threshold stay anchors; if none does, the highest-scoring one is kept."""
+    if threshold is None:
+        return torch.ones_like(positive, dtype=torch.bool)
+    keep = positive > threshold
+    if not keep.any():
+        keep[positive.argmax()] = True
+    return keep
+
+
+def anchored_ce(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the kept rows against their own column; every column stays a candidate, so an
+    eliminated pair still serves as a negative for the others."""
+    target = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits[keep], target[keep])
+
+
+def eba_loss(s_global: torch.Tensor, s_local: torch.Tensor, keep_global: torch.Tensor, keep_local: torch.Tensor, scale: float) -> torch.Tensor:
+    """CE_rows(s S^g) + CE_rows(s S^g^T) over global anchors + the same on S^l over local anchors (methods.md 4.3)."""
+    g = scale * s_global
+    return anchored_ce(g, keep_global) + anchored_ce(g.T, keep_global) + anchored_ce(s_local, keep_local) + anchored_ce(s_local.T, keep_local)
+
+
+@METHODS.register("ebaker")
+class Ebaker(ClipPipeline):
+    """EBAKER (ACM MM 2024): eliminate-before-align (joint mask) + keyword reasoning, global + local Frobenius."""
+
+    config_type = EbakerConfig
+    rerank_tag = "sar"
+    train_defaults = {"epochs": 7, "batch_size": 100, "lr": 1.5e-5, "warmup_steps": 200, "weight_decay": 0.7, "grad_clip": 50.0}
+
+    def __init__(self, backbone, config: EbakerConfig | None = None):
+        super().__init__(backbone, config)
+        self.banks: dict[str, SimilarityBank] = {}
+        self.thresholds: dict[str, float | None] = {"global": None, "local": None}
+        self.eliminating = False
+        self.last_positive = {"global": torch.empty(0), "local": torch.empty(0)}  # per train row, when last seen
+        self.eliminated = torch.zeros(0, dtype=torch.bool)  # per train row, this epoch
+        self.ker = None
+        if self.config.ker_weight > 0:
+            from methods.keywords import KerHead
+
+            self.ker = KerHead(backbone.embed_dim, heads=self.config.ker_heads, layers=self.config.ker_layers)
+        self.register_buffer("ker_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("ker_labels", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.keywords: list[str] = []
+
+    @property
+    def split(self) -> bool:
+        return self.config.eba == "split"
+
+    # --- set-up -------------------------------------------------------------------------
+    def prepare(self, captions: Sequence[str]) -> None:
+        """KER's keyword vocabulary and masked sequences, from the training captions."""
+        if self.ker is None:
+            return
+        from methods.keywords import keyword_vocabulary, mask_keywords
+
+        tokenizer = getattr(self.backbone, "tokenizer", None)
+        self.keywords = keyword_vocabulary(captions, self.config.keywords)
+        ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
+        device = next(self.parameters()).device
+        self.ker_ids, self.ker_labels = ids.to(device), labels.to(device)
+
+    def start_epoch(self, ctx: EpochContext) -> None:
+        cfg = self.config
+        if not self.banks:
+            size = cfg.bank_size or ctx.n_rows
+            if size > 2 * ctx.n_rows:
+                warnings.warn(f"EBA bank of {size} entries holds {size / ctx.n_rows:.1f} epochs of this {ctx.n_rows}-pair training set; "
+                              "its threshold lags the model (methods.md 4.4); bank_size=0 sizes it to one epoch", stacklevel=2)
+            gen = torch.Generator().manual_seed(0)
+            self.banks = {name: SimilarityBank(size, cfg.bank_init == "normal", gen) for name in (("global", "local") if self.split else ("global",))}
+        for name, bank in self.banks.items():
+            self.thresholds[name] = bank.threshold(cfg.effective_drop_ratio)
+        self.eliminating = ctx.epoch - 1 >= cfg.drop_epoch
+        self._ensure_rows(ctx.n_rows)
+        self.eliminated.zero_()
+
+    def _ensure_rows(self, n: int) -> None:
+        for name, values in self.last_positive.items():
+            if len(values) < n:
+                self.last_positive[name] = torch.cat([values, torch.full((n - len(values),), math.nan)])
+        if len(self.eliminated) < n:
+            self.eliminated = torch.cat([self.eliminated, torch.zeros(n - len(self.eliminated), dtype=torch.bool)])
+
+    # --- training -----------------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> LossOutput:
+        cfg = self.config
+        texts, images = self.encode_pair(batch.text, batch.images)
+        s_global = cosine_matrix(texts, images)
+        s_local = self.local_matrix(texts, images)
+        positive = {"global": s_global.diagonal().detach(), "local": s_local.diagonal().detach()}
+        for name, bank in self.banks.items():
+            bank.push(positive[name])
+        keep_global = keep_anchors(positive["global"], self.thresholds["global"] if self.eliminating else None)
+        keep_local = keep_anchors(positive["local"], self.thresholds["local"] if self.eliminating else None) if self.split else keep_global
+        loss = eba_loss(s_global, s_local, keep_global, keep_local, cfg.logit_scale)
+        logs = {"eliminated": 1 - keep_global.float().mean().item(), "bank_real": self.banks["global"].real / len(self.banks["global"].values)}
+        if self.split:
+            logs["eliminated_local"] = 1 - keep_local.float().mean().item()
+        if self.ker is not None:
+            mlm = self._ker_loss(batch, images)
+            loss = loss + cfg.ker_weight * mlm
+            logs["mlm"] = mlm.item()
+        self._record(batch.rows, positive, ~keep_global)
+        return LossOutput(loss, positive["global"], logs)
+
+    def _ker_loss(self, batch: Batch, images) -> torch.Tensor:
+        from methods.keywords import ker_loss
+
+        if not len(self.ker_ids):
+            raise ConfigError("KER has no masked captions: prepare(captions) was not called before training")
+        rows = batch.rows.to(self.ker_ids.device)
+        masked = self.backbone.encode_text(self.ker_ids[rows], tokens=True).tokens
+        return ker_loss(self.ker, masked, images.tokens, self.ker_labels[rows])
+
+    def _record(self, rows: torch.Tensor, positive: dict[str, torch.Tensor], eliminated: torch.Tensor) -> None:
+        rows = rows.cpu()
+        self._ensure_rows(int(rows.max()) + 1)
+        for name, values in positive.items():
+            self.last_positive[name][rows] = values.float().cpu()
+        self.eliminated[rows] = eliminated.cpu()
+
+    # --- evaluation ---------------------------------------------------------------------
+    def rerank(self, scores: torch.Tensor):
+        if not self.config.sar:
+            return None
+        from methods.sar import sar_rerank
+
+        return sar_rerank(scores, self.config.sar_k)
+
+    # --- clean-ness signal (methods.md 4.9) -----------------------------------------------
+    def pair_scores(self) -> PairScores | None:
+        if not len(self.eliminated):
+            return None
+        others = {"local": self.last_positive["local"].numpy().astype(np.float64)} if self.split else {}
+        return PairScores(self.last_positive["global"].numpy().astype(np.float64), self.eliminated.numpy().copy(), others)
+
+    def get_extra_state(self):
+        return {"banks": {name: bank.state() for name, bank in self.banks.items()}, "thresholds": dict(self.thresholds),
+                "last_positive": {k: v.clone() for k, v in self.last_positive.items()}, "eliminated": self.eliminated.clone()}
+
+    def set_extra_state(self, state) -> None:
+        self.banks = {name: SimilarityBank.from_state(s) for name, s in state["banks"].items()}
+        self.thresholds = dict(state["thresholds"])
+        self.last_positive = {k: v.clone() for k, v in state["last_positive"].items()}
+        self.eliminated = state["eliminated"].clone()
+
+
+@dataclass(frozen=True)
+class IebakerConfig(EbakerConfig):
+    eba: str = "split"  # iEBAKER: separate global and local masks
+
+
+@METHODS.register("iebaker")
+class Iebaker(Ebaker):
+    """iEBAKER (arXiv 2504.05644): eliminate-before-align (split masks) + keyword reasoning; SAR re-rank optional."""
+
+    config_type = IebakerConfig

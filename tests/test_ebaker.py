@@ -1,0 +1,156 @@
+"""EBAKER / iEBAKER against methods.md section 4: the similarity bank and its threshold, elimination
+that keeps eliminated pairs as negatives, the bank-size guard, and a short noisy training run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
+from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, EpochContext
+from rsnc_bench.store import CellKey, ResultStore
+
+
+def ctx(epoch: int, n_rows: int = 10) -> EpochContext:
+    return EpochContext(epoch, 10, n_rows, 1, torch.device("cpu"))
+
+
+def test_threshold_is_the_drop_ratio_quantile_of_real_entries():
+    bank = SimilarityBank(100)
+    assert bank.threshold(0.01) is None  # nothing real yet: no threshold, nothing eliminated
+    bank.push(torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7]))
+    bank.push(torch.tensor([0.2, 0.8, 0.4, 0.6, 1.0]))
+    assert bank.threshold(0.2) == pytest.approx(0.3)  # ascending[floor(0.2 * 10)] of the 10 real values, not of 100
+    assert bank.threshold(0.0) == pytest.approx(0.1)
+    assert keep_anchors(torch.tensor([0.25, 0.3, 0.5]), 0.3).tolist() == [False, False, True]  # "keep if > Th"
+
+
+def test_bank_is_fifo():
+    bank = SimilarityBank(4)
+    bank.push(torch.tensor([1.0, 2.0, 3.0]))
+    bank.push(torch.tensor([4.0, 5.0, 6.0]))
+    assert sorted(bank.values.tolist()) == [3.0, 4.0, 5.0, 6.0] and bank.real == 4
+    restored = SimilarityBank.from_state(bank.state())
+    restored.push(torch.tensor([7.0]))
+    assert sorted(restored.values.tolist()) == [4.0, 5.0, 6.0, 7.0]
+
+
+def test_the_papers_random_bank_is_a_no_op_on_one_dataset():
+    """methods.md 4.4: 200k N(0, 1) entries put the 1 % threshold near -2.3, below any real cosine."""
+    bank = SimilarityBank(200_000, random_init=True, generator=torch.Generator().manual_seed(0))
+    bank.push(torch.full((20_000,), 0.3))
+    assert bank.threshold(0.01) == pytest.approx(-2.33, abs=0.1) and bank.real == 20_000
+    assert keep_anchors(torch.tensor([0.05, 0.3]), bank.threshold(0.01)).all()
+
+
+def test_empty_mask_keeps_the_best_pair():
+    assert keep_anchors(torch.tensor([0.1, 0.4, 0.2]), 0.5).tolist() == [False, True, False]
+
+
+def test_eliminated_pairs_stay_negatives():
+    s = torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.4, 0.2], [0.1, 0.5, 0.8]], requires_grad=True)
+    keep = torch.tensor([True, False, True])
+    eba_loss(s, torch.zeros(3, 3), keep, keep, scale=20.0).backward()
+    assert s.grad[1, 1] == 0  # its own (suspect) positive is never pulled together
+    assert s.grad[0, 1] != 0 and s.grad[2, 1] != 0  # its image is a negative for captions 0 and 2
+    assert s.grad[1, 0] != 0 and s.grad[1, 2] != 0  # its caption is a negative for images 0 and 2
+
+
+def test_anchored_ce_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+    keep = torch.tensor([True, False, True])
+    ce = lambda row, t: -row[t] + math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    want = (ce([2.0, 0.0, 1.0], 0) + ce([1.0, 1.0, 1.0], 2)) / 2
+    assert anchored_ce(logits, keep).item() == pytest.approx(want, rel=1e-6)
+    assert F.cross_entropy(logits, torch.arange(3)).item() != pytest.approx(want)
+
+
+class TokenBackbone(nn.Module):
+    embed_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.text = nn.Parameter(torch.randn(10, 4, 8))
+        self.image = nn.Parameter(torch.randn(10, 3, 8))
+
+    def encode_text(self, ids, tokens=False):
+        from rsnc_bench.backbones import Features
+
+        t = self.text[ids[:, 0]]
+        return Features(t.mean(1), t, torch.ones(t.shape[:2], dtype=torch.bool))
+
+    def encode_image(self, images, tokens=False):
+        from rsnc_bench.backbones import Features
+
+        v = self.image[images[:, 0, 0, 0].long()]
+        return Features(v.mean(1), v, torch.ones(v.shape[:2], dtype=torch.bool))
+
+
+def batch(rows):
+    from rsnc_bench.methods import Batch
+
+    index = torch.tensor(rows)
+    return Batch(index.float()[:, None, None, None].expand(-1, 3, 1, 1), index[:, None], index, index)
+
+
+@pytest.mark.parametrize("eba", ["joint", "split"])
+def test_elimination_starts_at_the_drop_epoch_and_is_scored(eba):
+    method = Ebaker(TokenBackbone(), EbakerConfig(eba=eba, ker_weight=0, drop_epoch=1, drop_ratio=0.3)).train()
+    method.start_epoch(ctx(1))
+    out = method.training_loss(batch(list(range(10))))
+    assert out.logs["eliminated"] == 0 and not method.pair_scores().flagged_noisy.any()  # 0-based epoch 0 < drop_epoch
+    positive = method.pair_scores().clean_score
+    method.start_epoch(ctx(2))
+    assert method.thresholds["global"] == pytest.approx(sorted(positive)[3], rel=1e-5)  # floor(0.3 * 10)
+    method.training_loss(batch(list(range(10))))
+    scores = method.pair_scores()
+    assert scores.flagged_noisy.sum() == 4 and set(scores.others) == ({"local"} if eba == "split" else set())
+    assert (scores.clean_score[scores.flagged_noisy] <= method.thresholds["global"] + 1e-6).all()
+    restored = Ebaker(TokenBackbone(), EbakerConfig(eba=eba, ker_weight=0))
+    restored.load_state_dict(method.state_dict())
+    assert restored.thresholds == method.thresholds and restored.banks["global"].real == 10  # one epoch of pairs
+
+
+def test_bank_size_guard_and_the_non_paper_drop_ratio():
+    method = Ebaker(TokenBackbone(), EbakerConfig(ker_weight=0, bank_size=200_000))
+    with pytest.warns(UserWarning, match="bank_size=0 sizes it to one epoch"):
+        method.start_epoch(ctx(1))
+    sized = Ebaker(TokenBackbone(), EbakerConfig(ker_weight=0))
+    sized.start_epoch(ctx(1, n_rows=10))
+    assert len(sized.banks["global"].values) == 10
+    assert EbakerConfig(noise_estimate=0.6).effective_drop_ratio == 0.6 and EbakerConfig().effective_drop_ratio == 0.01
+    with pytest.raises(ConfigError, match="choose one of split, joint"):
+        EbakerConfig(eba="both")
+
+
+def test_paper_defaults():
+    ebaker, iebaker = METHODS.get("ebaker"), METHODS.get("iebaker")
+    assert ebaker.config_type().eba == "joint" and iebaker.config_type().eba == "split"
+    cfg = iebaker.config_type()
+    assert (cfg.drop_ratio, cfg.drop_epoch, cfg.ker_weight, cfg.fusion_alpha, cfg.sar) == (0.01, 4, 0.5, 0.6, False)
+    assert ebaker.train_defaults["epochs"] == 7 and ebaker.train_defaults["lr"] == 1.5e-5
+
+
+SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
+
+
+@pytest.mark.parametrize("method", ["ebaker", "iebaker"])
+def test_eliminated_rows_are_mostly_noisy_on_synthetic_at_noise_0_6(tmp_path, method):
+    key = CellKey(method, "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)
+    spec = CellSpec(key, data_root=str(tmp_path / "data"), dataset_options=SYNTHETIC_300,
+                    method_options=("drop_epoch=2", "drop_ratio=0.1", "sar=true"), train_options=("epochs=4",))
+    doc = run_cell(spec, ResultStore(tmp_path / "runs"))
+    assert doc["status"] == "complete", doc.get("traceback")
+    history = doc["history"]
+    eliminated = [e["logs"]["eliminated"] for e in history]
+    assert eliminated[:2] == [0, 0] and eliminated[-1] > 0  # not before 0-based epoch 2
+    last = history[-1]["detection"]
+    assert last["n_flagged"] > 0 and last["flag_precision"] > 0.75  # base rate 0.6
+    assert last["auroc"] > 0.6 and "mlm" in history[-1]["logs"]
+    assert doc["rerank_tag"] == "sar" and doc["test_rerank"]["mr"] > 0

@@ -1,0 +1,221 @@
+"""KER building blocks (methods.md 4.2): keyword vocabulary, keyword masking, KER head, MLM loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.keywords import MASK_ID, KerHead, head_count, ker_loss, keyword_vocabulary, mask_keywords, mlm_loss
+from rsnc_bench.errors import ConfigError
+
+open_clip = pytest.importorskip("open_clip")
+
+SOT, EOT = 49406, 49407
+CAPTIONS = [
+    "many planes are parked near the airport terminal .",
+    "Two  storagetanks, near a 3-lane road!!",
+    "it's the airport's runway next to a photovoltaic plant",
+    "A RED roof and   red cars in the parking lot .",
+    "caf\u00e9 &amp; park with green trees",
+    "Some   photovoltaic panels\tare on the roof of the storagetanks building.",
+    " ".join(["several planes near the airport runway"] * 20),  # longer than 77 tokens
+    "",
+]
+KEYWORDS = {"airport", "planes", "storagetanks", "photovoltaic", "red", "park", "runway", "roof"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def ids_of(tok, word: str) -> list[int]:
+    return tok.encode(word)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+def test_keyword_vocabulary_counts_and_tie_order():
+    captions = ["The plane, the AIRPORT.", "a plane near the airport", "b2b zebra; apple"]
+    # the 3; airport, b ("b2b": digits split words), plane 2 each; then the count-1 words alphabetically
+    assert keyword_vocabulary(captions) == ["the", "airport", "b", "plane", "a", "apple", "near", "zebra"]
+    assert keyword_vocabulary(captions, size=3) == ["the", "airport", "b"]
+    assert keyword_vocabulary(iter(captions), size=0) == []
+    with pytest.raises(ConfigError):
+        keyword_vocabulary(captions, size=-1)
+
+
+# ----------------------------------------------------------------------------- corrected masking
+
+def test_probe_words_split_into_several_bpe_tokens(tok):
+    assert len(ids_of(tok, "storagetanks")) > 2 and len(ids_of(tok, "photovoltaic")) > 1
+    assert len(ids_of(tok, "airport")) == 1
+
+
+def test_corrected_masks_every_subtoken_and_round_trips(tok):
+    masked, labels = mask_keywords(CAPTIONS, KEYWORDS, tok)
+    reference = tok(CAPTIONS)
+    assert masked.shape == labels.shape == reference.shape == (len(CAPTIONS), 77)
+    assert masked.dtype == labels.dtype == torch.long
+    hit = labels != 0
+    # masked exactly where labelled, labels are the original ids there, and 0 elsewhere
+    assert torch.equal(masked == MASK_ID, hit)
+    assert torch.equal(labels[hit], reference[hit])
+    assert torch.equal(torch.where(hit, labels, masked), reference)
+    assert hit[0].sum() == 2 and hit[1].sum() == len(ids_of(tok, "storagetanks")) * 1
+    assert not hit[-1].any()
+
+
+def test_corrected_round_trips_on_real_rsicd_captions(tok, rsicd_subset):
+    images = json.loads((rsicd_subset / "dataset_rsicd.json").read_text())["images"]
+    captions = [s["raw"] for image in images for s in image["sentences"]][:3000]
+    train = [s["raw"] for image in images if image["split"] == "train" for s in image["sentences"]]
+    masked, labels = mask_keywords(captions, keyword_vocabulary(train, size=512), tok)
+    hit = labels != 0
+    assert hit.any(dim=1).float().mean() > 0.9  # most captions have a frequent word
+    assert torch.equal(masked == MASK_ID, hit)
+    assert torch.equal(torch.where(hit, labels, masked), tok(captions))
+
+
+def test_corrected_masks_all_pieces_of_a_multi_token_keyword(tok):
+    caption = "many planes are parked near the photovoltaic airport terminal ."
+    masked, labels = mask_keywords([caption], ["photovoltaic", "airport", "planes"], tok)
+    row = tok([caption])[0].tolist()
+    pv = ids_of(tok, "photovoltaic")
+    start = 1 + len(ids_of(tok, "many planes are parked near the"))
+    assert row[start: start + len(pv)] == pv
+    expected = {2} | set(range(start, start + len(pv))) | {start + len(pv)}
+    assert {int(i) for i in torch.nonzero(labels[0]).flatten()} == expected
+    for i in range(77):
+        assert labels[0, i].item() == (row[i] if i in expected else 0)
+        assert masked[0, i].item() == (MASK_ID if i in expected else row[i])
+
+
+def test_corrected_is_case_insensitive_and_word_level(tok):
+    # "Airport." is cleaned to "airport" + "." (a keyword); "airports" and "parked" are other words
+    masked, labels = mask_keywords(["Airport. airports parked"], ["airport", "park"], tok)
+    assert labels[0].nonzero().flatten().tolist() == [1]
+    assert labels[0, 1].item() == ids_of(tok, "airport")[0]
+
+
+def test_corrected_truncation_keeps_eot_and_labels_nothing_past_it(tok):
+    caption = "a photovoltaic plant"  # SOT a photo volta ic plant EOT
+    masked, labels = mask_keywords([caption], ["photovoltaic"], tok, context_length=4)
+    reference = tok([caption], context_length=4)[0]
+    assert masked.shape == (1, 4)
+    assert masked[0, 3].item() == EOT and labels[0, 3].item() == 0
+    assert labels[0].tolist() == [0, 0, ids_of(tok, "photovoltaic")[0], 0]
+    assert torch.equal(torch.where(labels[0] != 0, labels[0], masked[0]), reference)
+
+
+# ----------------------------------------------------------------------------- faithful masking
+
+def test_faithful_masks_the_position_of_the_word_index(tok):
+    caption = "airport with many planes"
+    masked, labels = mask_keywords([caption], {"airport", "planes"}, tok, faithful_offset=True)
+    row = tok([caption])[0]
+    # word 0 -> position 0 (SOT), word 3 -> position 3 ("many", the token before "planes")
+    assert labels[0].nonzero().flatten().tolist() == [0, 3]
+    assert labels[0, 0].item() == SOT and labels[0, 3].item() == ids_of(tok, "many")[0]
+    assert masked[0, 0].item() == MASK_ID and masked[0, 3].item() == MASK_ID
+    keep = labels[0] == 0
+    assert torch.equal(masked[0][keep], row[keep])
+
+
+def test_faithful_compares_raw_whitespace_words(tok):
+    for caption in ("airport. with many planes", "Airport with many planes"):
+        _, labels = mask_keywords([caption], {"airport", "planes"}, tok, faithful_offset=True)
+        assert labels[0].nonzero().flatten().tolist() == [3]
+
+
+def test_faithful_truncation_never_masks_eot_or_beyond(tok):
+    caption = "planes planes planes planes planes"
+    masked, labels = mask_keywords([caption], ["planes"], tok, context_length=4, faithful_offset=True)
+    assert masked[0].tolist() == [MASK_ID, MASK_ID, MASK_ID, EOT]
+    assert labels[0].tolist() == [SOT] + ids_of(tok, "planes") * 2 + [0]
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_non_clip_tokenizer_is_a_config_error():
+    class HfLike:
+        vocab_size = 32000
+
+        def __call__(self, texts):
+            return texts
+
+    with pytest.raises(ConfigError, match="ker_weight=0"):
+        mask_keywords(["a plane"], ["plane"], HfLike())
+
+
+def test_bad_context_length_is_a_config_error(tok):
+    with pytest.raises(ConfigError, match="context_length"):
+        mask_keywords(["a plane"], ["plane"], tok, context_length=1)
+
+
+# ----------------------------------------------------------------------------- head and loss
+
+def test_head_count_falls_back_to_a_divisor():
+    assert head_count(24, 8) == 8
+    assert head_count(20, 8) == 5
+    assert head_count(24, 16) == 12
+    assert head_count(7, 8) == 7
+
+
+def test_ker_head_shape_and_gradients():
+    torch.manual_seed(0)
+    head = KerHead(dim=20, vocab_size=50, heads=8)
+    assert head.heads == 5 and head.cross_attn.num_heads == 5
+    assert all(block.self_attn.num_heads == 5 for block in head.blocks) and len(head.blocks) == 2
+    text = torch.randn(3, 7, 20, requires_grad=True)
+    image = torch.randn(3, 11, 20, requires_grad=True)
+    logits = head(text, image)
+    assert logits.shape == (3, 7, 50)
+    (logits * torch.randn_like(logits)).sum().backward()
+    assert text.grad.abs().sum() > 0 and image.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_ker_head_defaults_and_init():
+    head = KerHead(dim=24)
+    assert head.mlm[-1].out_features == 49408 and head.heads == 8
+    assert head.cross_attn.in_proj_bias.abs().sum() == 0
+    assert all(block.linear1.bias.abs().sum() == 0 for block in head.blocks)
+
+
+def test_mlm_loss_matches_cross_entropy_on_labelled_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 30, requires_grad=True)
+    labels = torch.tensor([[0, 4, 0, 29, 0], [7, 0, 0, 0, 1]])
+    expected = (
+        F.cross_entropy(logits[0, 1], torch.tensor(4)) + F.cross_entropy(logits[0, 3], torch.tensor(29))
+        + F.cross_entropy(logits[1, 0], torch.tensor(7)) + F.cross_entropy(logits[1, 4], torch.tensor(1))
+    ) / 4
+    loss = mlm_loss(logits, labels)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0
+
+
+def test_mlm_loss_without_labels_is_zero_with_a_grad_path():
+    logits = torch.randn(2, 5, 30, requires_grad=True)
+    loss = mlm_loss(logits, torch.zeros(2, 5, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_ker_loss_projects_only_labelled_positions_and_equals_the_full_mlm_loss():
+    torch.manual_seed(0)
+    head = KerHead(16, vocab_size=50, heads=4)
+    text, image = torch.randn(3, 6, 16), torch.randn(3, 4, 16)
+    labels = torch.zeros(3, 6, dtype=torch.long)
+    labels[0, 2], labels[2, 1], labels[2, 4] = 7, 11, 3
+    assert head(text, image, labels != 0).shape == (3, 50)
+    assert ker_loss(head, text, image, labels).item() == pytest.approx(mlm_loss(head(text, image), labels).item(), rel=1e-6)
+    empty = ker_loss(head, text, image, torch.zeros_like(labels))
+    empty.backward()
+    assert empty.item() == 0.0
