@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
+
+from .token_stub import TokenBackbone, token_batch
 
 
 def ctx(epoch: int, n_rows: int = 10) -> EpochContext:
@@ -71,44 +72,16 @@ def test_anchored_ce_by_hand():
     assert F.cross_entropy(logits, torch.arange(3)).item() != pytest.approx(want)
 
 
-class TokenBackbone(nn.Module):
-    embed_dim = 8
-
-    def __init__(self):
-        super().__init__()
-        self.text = nn.Parameter(torch.randn(10, 4, 8))
-        self.image = nn.Parameter(torch.randn(10, 3, 8))
-
-    def encode_text(self, ids, tokens=False):
-        from rsnc_bench.backbones import Features
-
-        t = self.text[ids[:, 0]]
-        return Features(t.mean(1), t, torch.ones(t.shape[:2], dtype=torch.bool))
-
-    def encode_image(self, images, tokens=False):
-        from rsnc_bench.backbones import Features
-
-        v = self.image[images[:, 0, 0, 0].long()]
-        return Features(v.mean(1), v, torch.ones(v.shape[:2], dtype=torch.bool))
-
-
-def batch(rows):
-    from rsnc_bench.methods import Batch
-
-    index = torch.tensor(rows)
-    return Batch(index.float()[:, None, None, None].expand(-1, 3, 1, 1), index[:, None], index, index)
-
-
 @pytest.mark.parametrize("eba", ["joint", "split"])
 def test_elimination_starts_at_the_drop_epoch_and_is_scored(eba):
     method = Ebaker(TokenBackbone(), EbakerConfig(eba=eba, ker_weight=0, drop_epoch=1, drop_ratio=0.3)).train()
     method.start_epoch(ctx(1))
-    out = method.training_loss(batch(list(range(10))))
+    out = method.training_loss(token_batch(list(range(10))))
     assert out.logs["eliminated"] == 0 and not method.pair_scores().flagged_noisy.any()  # 0-based epoch 0 < drop_epoch
     positive = method.pair_scores().clean_score
     method.start_epoch(ctx(2))
     assert method.thresholds["global"] == pytest.approx(sorted(positive)[3], rel=1e-5)  # floor(0.3 * 10)
-    method.training_loss(batch(list(range(10))))
+    method.training_loss(token_batch(list(range(10))))
     scores = method.pair_scores()
     assert scores.flagged_noisy.sum() == 4 and set(scores.others) == ({"local"} if eba == "split" else set())
     assert (scores.clean_score[scores.flagged_noisy] <= method.thresholds["global"] + 1e-6).all()

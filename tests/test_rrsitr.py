@@ -16,8 +16,10 @@ from methods.rrsitr import (AMBIGUOUS, CLEAN, NOISY, Rrsitr, RrsitrConfig, pair_
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext
+from rsnc_bench.methods import METHODS, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
+
+from .token_stub import TokenBackbone, token_batch
 
 
 def ce(logits: list[float], target: int) -> float:
@@ -123,36 +125,14 @@ def test_local_scale_switches_with_the_training_flag():
     assert float(at_eval.max()) <= math.sqrt(5 * 4) + 1e-4  # unscaled Frobenius of cosines <= sqrt(T * P)
 
 
-class TokenBackbone(nn.Module):
-    """Token features from a lookup: text row r and image row r get fixed random tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.text = nn.Parameter(torch.randn(10, 4, 8))
-        self.image = nn.Parameter(torch.randn(10, 3, 8))
-
-    def encode_text(self, ids, tokens=False):
-        t = self.text[ids[:, 0]]
-        return Features(t.mean(1), t, torch.ones(t.shape[:2], dtype=torch.bool))
-
-    def encode_image(self, images, tokens=False):
-        v = self.image[images[:, 0, 0, 0].long()]
-        return Features(v.mean(1), v, torch.ones(v.shape[:2], dtype=torch.bool))
-
-
-def batch(rows: list[int]) -> Batch:
-    index = torch.tensor(rows)
-    return Batch(index.float()[:, None, None, None].expand(-1, 3, 1, 1), index[:, None], index, index)
-
-
 def test_pair_scores_are_the_last_seen_losses_and_the_flag_is_gamma_noisy():
     method = Rrsitr(TokenBackbone()).train()
     method.start_epoch(EpochContext(1, 1, 10, 1, torch.device("cpu")))
-    first = method.training_loss(batch([0, 1, 2, 3])).per_row
+    first = method.training_loss(token_batch([0, 1, 2, 3])).per_row
     scores = method.pair_scores()
     assert np.allclose(scores.clean_score[:4], -first.numpy()) and np.isnan(scores.clean_score[4:]).all()
     assert scores.flagged_noisy.tolist() == (first.numpy() >= 18.0).tolist() + [False] * 6
-    second = method.training_loss(batch([2, 5, 6, 7])).per_row
+    second = method.training_loss(token_batch([2, 5, 6, 7])).per_row
     assert method.pair_scores().clean_score[2] == pytest.approx(-second[0].item())  # overwritten when seen again
     restored = Rrsitr(TokenBackbone())
     restored.load_state_dict(method.state_dict())  # checkpoints carry the per-row losses
@@ -162,13 +142,13 @@ def test_pair_scores_are_the_last_seen_losses_and_the_flag_is_gamma_noisy():
 def test_quantile_thresholds_calibrate_on_epoch_one():
     method = Rrsitr(TokenBackbone(), RrsitrConfig(thresholds="quantile", clean_quantile=0.25, noisy_quantile=0.75)).train()
     method.start_epoch(EpochContext(1, 2, 10, 2, torch.device("cpu")))
-    out = method.training_loss(batch([0, 1, 2, 3, 4]))
+    out = method.training_loss(token_batch([0, 1, 2, 3, 4]))
     assert out.loss.item() == pytest.approx(out.per_row.mean().item()) and method.pair_scores().flagged_noisy.sum() == 0
-    method.training_loss(batch([5, 6, 7, 8, 9]))
+    method.training_loss(token_batch([5, 6, 7, 8, 9]))
     epoch_one = torch.tensor(-method.pair_scores().clean_score)
     method.start_epoch(EpochContext(2, 2, 10, 2, torch.device("cpu")))
     assert method.gammas == pytest.approx((torch.quantile(epoch_one, 0.25).item(), torch.quantile(epoch_one, 0.75).item()))
-    assert "noisy" in method.training_loss(batch([0, 1, 2, 3, 4])).logs
+    assert "noisy" in method.training_loss(token_batch([0, 1, 2, 3, 4])).logs
 
 
 def test_config_errors_name_the_fix():
