@@ -113,17 +113,20 @@ def test_paper_defaults():
 SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
 
 
-@pytest.mark.parametrize("method", ["ebaker", "iebaker"])
-def test_eliminated_rows_are_mostly_noisy_on_synthetic_at_noise_0_6(tmp_path, method):
+# kappa = 1: the paper's local scale of 20 collapses the random-init tiny towers under noise
+# (docs/methods/rrsitr.md), which leaves nothing for the elimination to find. KER runs in iebaker only, to keep it short.
+@pytest.mark.parametrize("method, options", [("ebaker", ("ker_weight=0",)), ("iebaker", ("sar=true",))])
+def test_eliminated_rows_are_mostly_noisy_on_synthetic_at_noise_0_6(tmp_path, method, options):
     key = CellKey(method, "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)
     spec = CellSpec(key, data_root=str(tmp_path / "data"), dataset_options=SYNTHETIC_300,
-                    method_options=("drop_epoch=2", "drop_ratio=0.1", "sar=true"), train_options=("epochs=4",))
+                    method_options=("local_scale=1", "drop_epoch=3", "drop_ratio=0.05", *options))
     doc = run_cell(spec, ResultStore(tmp_path / "runs"))
     assert doc["status"] == "complete", doc.get("traceback")
     history = doc["history"]
     eliminated = [e["logs"]["eliminated"] for e in history]
-    assert eliminated[:2] == [0, 0] and eliminated[-1] > 0  # not before 0-based epoch 2
+    assert eliminated[:3] == [0, 0, 0] and min(eliminated[3:]) > 0  # from 0-based epoch 3 on
     last = history[-1]["detection"]
-    assert last["n_flagged"] > 0 and last["flag_precision"] > 0.75  # base rate 0.6
-    assert last["auroc"] > 0.6 and "mlm" in history[-1]["logs"]
-    assert doc["rerank_tag"] == "sar" and doc["test_rerank"]["mr"] > 0
+    assert last["n_flagged"] > 0 and last["flag_precision"] > 0.75 and last["auroc"] > 0.6  # base rate 0.6
+    if method == "iebaker":
+        assert "mlm" in history[-1]["logs"] and "local" in history[-1]["detection_others"]
+        assert doc["rerank_tag"] == "sar" and doc["test_rerank"]["mr"] > 0
