@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
+from methods.keywords import KerHead, ker_loss, keyword_vocabulary, mask_keywords
+from methods.sar import sar_rerank
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 
@@ -145,8 +147,6 @@ class Ebaker(ClipPipeline):
         self.eliminated = torch.zeros(0, dtype=torch.bool)  # per train row, this epoch
         self.ker = None
         if self.config.ker_weight > 0:
-            from methods.keywords import KerHead
-
             self.ker = KerHead(backbone.embed_dim, heads=self.config.ker_heads, layers=self.config.ker_layers)
         self.register_buffer("ker_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("ker_labels", torch.zeros(0, 0, dtype=torch.long), persistent=False)
@@ -161,8 +161,6 @@ class Ebaker(ClipPipeline):
         """KER's keyword vocabulary and masked sequences, from the training captions."""
         if self.ker is None:
             return
-        from methods.keywords import keyword_vocabulary, mask_keywords
-
         tokenizer = getattr(self.backbone, "tokenizer", None)
         self.keywords = keyword_vocabulary(captions, self.config.keywords)
         ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
@@ -214,8 +212,6 @@ class Ebaker(ClipPipeline):
         return LossOutput(loss, positive["global"], logs)
 
     def _ker_loss(self, batch: Batch, images) -> torch.Tensor:
-        from methods.keywords import ker_loss
-
         if not len(self.ker_ids):
             raise ConfigError("KER has no masked captions: prepare(captions) was not called before training")
         rows = batch.rows.to(self.ker_ids.device)
@@ -233,8 +229,6 @@ class Ebaker(ClipPipeline):
     def rerank(self, scores: torch.Tensor):
         if not self.config.sar:
             return None
-        from methods.sar import sar_rerank
-
         return sar_rerank(scores, self.config.sar_k)
 
     # --- clean-ness signal (methods.md 4.9) -----------------------------------------------
