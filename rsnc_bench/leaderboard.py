@@ -48,8 +48,12 @@ def _number(value: Any) -> float:
 
 
 def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, Any]]:
-    """(method name, metrics) per row a complete document contributes: the plain one, plus
-    ``<method>+<tag>`` from ``test_rerank`` on the test split."""
+    """(method name, metrics) per row a complete document contributes: the plain one (named
+    ``<method>@<score_tag>`` when its scorer was tagged), plus ``<method>+<tag>`` from
+    ``test_rerank`` on the test split."""
+    score_tag = doc.get("score_tag")
+    if isinstance(score_tag, str) and score_tag:
+        method = f"{method}@{score_tag}"
     rows = [(method, doc.get(split))]
     if split == "test" and isinstance(doc.get("test_rerank"), dict):
         tag = doc.get("rerank_tag")

@@ -138,6 +138,16 @@ class Method(nn.Module):
         Default: cosine of the global embeddings."""
         return F.normalize(texts.embedding.float(), dim=-1) @ F.normalize(images.embedding.float(), dim=-1).T
 
+    def begin_scoring(self, texts: Features, images: Features) -> None:
+        """Called once per evaluation with every text and image feature, before the chunked
+        ``score`` calls: e.g. to pick a first stage's candidates over the whole split. Default: nothing."""
+
+    def score_tag(self) -> str:
+        """A tag for results whose scorer departs from the method's full score (e.g. "top100"
+        when only a first stage's top 100 are re-scored); the leaderboard shows ``<method>@<tag>``.
+        Empty: the full score."""
+        return ""
+
     def rerank(self, scores: torch.Tensor) -> torch.Tensor | Reranked | None:
         """An evaluation-time re-ranker over the full [n_texts, n_images] matrix: a re-scored
         matrix, or a ``Reranked`` pair when text->image and image->text re-rank differently

@@ -141,3 +141,13 @@ def test_summary_line():
     d.update(val={"mr": 47.0}, selected_epoch=3, timings={"train_seconds": 12.34})
     assert summary_line(d) == "clip-ft synthetic tiny-vit shuffle r0.4 n0 s1: test mR 45.12 (val 47.00 @ epoch 3), 12.3 s"
     assert summary_line(doc(0.0, "failed")) == "clip-ft synthetic tiny-vit shuffle r0.4 n0 s1: failed: CUDA out of memory"
+
+
+def test_score_tag_names_its_own_row():
+    """A result whose scorer was tagged (PMPGuard re-scoring a first stage's top K) never
+    averages with the method's full-score results."""
+    tagged = doc(20.0, method="pmpguard", train_seed=1)
+    tagged["score_tag"] = "top100"
+    df = leaderboard([doc(30.0, method="pmpguard"), tagged])
+    assert row(df, method="pmpguard").mr_mean == 30.0
+    assert row(df, method="pmpguard@top100").mr_mean == 20.0

@@ -154,6 +154,8 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
     doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
                test=selected["plain"].as_dict(), test_last=last["plain"].as_dict(), detection=chosen.get("detection"))
+    if method.score_tag():
+        doc["score_tag"] = method.score_tag()
     if "rerank" in selected:
         doc.update(test_rerank=selected["rerank"].as_dict(), rerank_tag=method.rerank_tag)
     doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,

@@ -41,6 +41,7 @@ def _chunk(features: Features, start: int, stop: int) -> Features:
 @torch.no_grad()
 def score_blocks(method: Method, texts: Features, images: Features, chunk: int):
     """Score rows of caption chunks against all images (methods score in chunks, methods.md 2.11)."""
+    method.begin_scoring(texts, images)
     n = len(texts.embedding)
     for start in range(0, n, chunk):
         yield method.score(_chunk(texts, start, min(n, start + chunk)), images).float().cpu()
