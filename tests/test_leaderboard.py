@@ -146,7 +146,7 @@ def test_summary_line():
 def test_score_tag_names_its_own_row():
     """A result whose scorer was tagged (PMPGuard re-scoring a first stage's top K) never
     averages with the method's full-score results."""
-    tagged = doc(20.0, method="pmpguard", train_seed=1)
+    tagged = doc(20.0, method="pmpguard", train_seed=2)
     tagged["score_tag"] = "top100"
     df = leaderboard([doc(30.0, method="pmpguard"), tagged])
     assert row(df, method="pmpguard").mr_mean == 30.0
