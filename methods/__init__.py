@@ -6,4 +6,4 @@ the harness finds them, exactly as it finds a third-party package's methods. Imp
 plugin module below.
 """
 
-from methods import baselines, ebaker, rrsitr  # noqa: F401
+from methods import baselines, ebaker, pmpguard, rrsitr  # noqa: F401

@@ -205,3 +205,23 @@ def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
     with torch.no_grad():
         scores = method.score(method.encode_texts(text), method.encode_images(torch.randn(3, 3, 32, 32)))
     assert scores.shape == (4, 3)
+
+
+def test_pmpguard_runs_on_swin_and_bert(bert_dir):
+    """PMPGuard's native pairing (methods.md 5.2): Swin region tokens (NHWC grid) + BERT word tokens."""
+    from methods.pmpguard import PmpGuard
+    from rsnc_bench.methods import Batch
+
+    torch.manual_seed(0)
+    method = PmpGuard(BACKBONES.get("swin-bert")(BackboneConfig(name="swin-bert", options=(f"text={bert_dir}", "context_length=12")))).train()
+    text = method.backbone.tokenize(["a plane", "two planes near the airport", "green trees", "a river"])
+    rows = torch.arange(4)
+    out = method.training_loss(Batch(torch.randn(4, 3, 224, 224), text, rows, rows))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.per_row.shape == (4,)
+    assert method.cga.affinity.grad is not None and method.backbone.image_parameters()[0].grad is not None
+    method.eval()
+    with torch.no_grad():
+        images = method.encode_images(torch.randn(3, 3, 224, 224))
+        scores = method.score(method.encode_texts(text), images)
+    assert images.tokens.shape == (3, 49, 512) and scores.shape == (4, 3) and torch.isfinite(scores).all()

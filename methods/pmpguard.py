@@ -1,0 +1,253 @@
+"""PMPGuard (Ouyang, Ma, Wang, Bai; arXiv 2512.18660, AAAI 2026), RECONSTRUCTED: no code is
+public and its method section is not readable, so this follows methods.md section 5 and its
+decision 8.1: cross-gated attention (CGA, :mod:`methods.cga`) as restated by a third party, and
+positive-negative awareness attention (PNAA, :mod:`methods.pnaa`) reconstructed from NAAF. Every
+constant the spec marks unknown is a field of :class:`PmpGuardConfig`.
+
+Scoring is pair-specific cross-attention. Training scores the whole B x B batch without gradients
+to find each row's hardest negatives, then re-scores only the 3B pairs the triplet loss uses with
+gradients: the same gradient as the full matrix (a max passes its gradient to the argmax only) at
+a fraction of the memory. Evaluation scores every text against every image in blocks of bounded
+size, or, with ``rescore_top_k``, only each text's and each image's top K under the global cosine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from methods.cga import CrossGatedAttention, Fused, Regions, Words
+from methods.clip_pipeline import cosine_matrix
+from methods.pnaa import BoundaryEstimate, PnaaOutput, pnaa
+from rsnc_bench.backbones import Features
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, info_nce
+
+BOUNDARY_MODES = ("estimated", "learnable")
+EVAL_BOUNDARIES = ("safe", "train")
+PAIR_BLOCK_ELEMENTS = 2**24  # the largest per-block intermediate ([pairs, words, d]): 64 MB in fp32
+OUTSIDE_TOP_K = 10.0  # pairs outside the top K sit below every re-scored one (|S_PN| <= 4)
+
+
+@dataclass(frozen=True)
+class PmpGuardConfig(MethodConfig):
+    """Defaults: methods.md 5.7 and decision 8.1, all [I] (no source gives them)."""
+
+    attention_scale: float = 10.0  # CGA softmax scale on a_ij
+    pnaa_scale: float = 20.0  # lambda of the positive branch (NAAF default)
+    relevance: bool = True  # add NAAF's relevance-level term p^r to the positive branch
+    boundary: str = "estimated"  # t_k from Gaussian fits, or "learnable": a scalar initialised by the first fit
+    boundary_init: float = 0.0  # t_k before the first fit (NAAF starts at 0)
+    boundary_alpha: float = 2.0  # penalty alpha in the crossing N+ = alpha N-
+    boundary_momentum: float = 0.7  # t <- 0.7 t_new + 0.3 t_old
+    boundary_min_samples: int = 200  # words of each kind before the first fit (NAAF: 200)
+    boundary_window: int = 1000  # most recent words of each kind the fit uses (NAAF: one batch's)
+    eval_boundary: str = "safe"  # at evaluation: NAAF's mu+ - 3 sd+ ("safe") or the training t ("train")
+    temperature: float = 0.05  # tau of the InfoNCE aggregation loss L_IA on global features
+    margin: float = 0.2  # m of the hardest-negative triplet L_PA (NAAF / VSE++)
+    loss_weight: float = 1.0  # lambda: L = L_IA + lambda L_PA
+    fusion_alpha: float = 0.0  # evaluation: alpha cos(global) + (1 - alpha) S_PN
+    rescore_top_k: int = 0  # > 0: score only each text's / image's top K under the global cosine (tagged)
+    head_lr_scale: float = 10.0  # CGA (and a learnable t) at 10x the backbone lr (1e-4 vs 1e-5)
+
+    def __post_init__(self):
+        if self.boundary not in BOUNDARY_MODES:
+            raise ConfigError(f"pmpguard option boundary={self.boundary!r}; choose one of {', '.join(BOUNDARY_MODES)}")
+        if self.eval_boundary not in EVAL_BOUNDARIES:
+            raise ConfigError(f"pmpguard option eval_boundary={self.eval_boundary!r}; choose one of {', '.join(EVAL_BOUNDARIES)}")
+        if not 0 <= self.fusion_alpha <= 1:
+            raise ConfigError("pmpguard option fusion_alpha must lie in [0, 1]")
+        if self.rescore_top_k < 0 or self.boundary_min_samples < 2 or self.boundary_window < self.boundary_min_samples:
+            raise ConfigError("pmpguard options need rescore_top_k >= 0 and 2 <= boundary_min_samples <= boundary_window")
+
+
+def trim_words(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, mask) without the trailing positions that are padding in every row."""
+    if features.tokens is None:
+        raise ValueError("pmpguard needs token features; the backbone returned none")
+    mask = features.mask if features.mask is not None else torch.ones(features.tokens.shape[:2], dtype=torch.bool, device=features.tokens.device)
+    length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return features.tokens[:, :length], mask[:, :length]
+
+
+def triplet(positive: torch.Tensor, hardest_image: torch.Tensor, hardest_text: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per row i: [m - S(i,i) + max_j S(i,j)]_+ + [m - S(i,i) + max_k S(k,i)]_+ (VSE++; methods.md 5.5)."""
+    return (margin - positive + hardest_image).clamp_min(0) + (margin - positive + hardest_text).clamp_min(0)
+
+
+@METHODS.register("pmpguard")
+class PmpGuard(Method):
+    """PMPGuard (AAAI 2026), reconstructed: cross-gated attention + positive-negative awareness attention, pair-wise scorer."""
+
+    config_type = PmpGuardConfig
+    needs_tokens = True
+    # [I] methods.md 5.2 / 5.5: AdamW lr 1e-5 (new layers 1e-4), batch 64-128, 30 epochs, cosine;
+    # weight decay 0.01 (PIR's Swin + BERT recipe), gradient clip 2 (NAAF).
+    train_defaults = {"epochs": 30, "batch_size": 128, "lr": 1e-5, "warmup_steps": 200, "weight_decay": 0.01, "grad_clip": 2.0}
+
+    def __init__(self, backbone, config: PmpGuardConfig | None = None):
+        super().__init__(backbone, config)
+        cfg = self.config
+        self.cga = CrossGatedAttention(backbone.embed_dim, cfg.attention_scale)
+        self.estimate = BoundaryEstimate(cfg.boundary_init, cfg.boundary_alpha, cfg.boundary_momentum, cfg.boundary_window, cfg.boundary_min_samples)
+        self.learned_boundary = torch.nn.Parameter(torch.tensor(float(cfg.boundary_init)), requires_grad=cfg.boundary == "learnable")
+        self.signals = {name: torch.empty(0) for name in ("score", "below", "negative_mass", "word_gate")}  # per train row, when last seen
+        self._first_stage: tuple[Features, torch.Tensor] | None = None  # (images, per-image K-th best text cosine)
+
+    # --- the pair scorer ----------------------------------------------------------------
+    def boundary(self) -> float | torch.Tensor:
+        """t_k in use: the learnable scalar, else the estimate (its safe variant at evaluation)."""
+        if self.config.boundary == "learnable":
+            return self.learned_boundary
+        if not self.training and self.config.eval_boundary == "safe":
+            return self.estimate.safe
+        return self.estimate.value
+
+    def parts(self, texts: Features, images: Features) -> tuple[Words, Regions]:
+        tokens, mask = trim_words(texts)
+        if images.tokens is None:
+            raise ValueError("pmpguard needs image token features; the backbone returned none")
+        return self.cga.words(tokens, mask), self.cga.regions(images.tokens)
+
+    def pair(self, words: Words, regions: Regions) -> tuple[PnaaOutput, Fused]:
+        """PNAA over CGA-fused features for broadcastable pairs of texts and images."""
+        fused = self.cga(words, regions)
+        out = pnaa(fused.words, fused.regions, words.mask, self.boundary(), self.config.pnaa_scale, self.config.relevance)
+        return out, fused
+
+    def grid(self, words: Words, regions: Regions, want=("score",)) -> dict[str, torch.Tensor]:
+        """Every text against every image in blocks of bounded size: {name: [n_t, n_i(, m)]}."""
+        n_t, n_i = len(words.tokens), len(regions.tokens)
+        per_pair = max(words.tokens.shape[1], regions.tokens.shape[1]) * max(words.tokens.shape[2], regions.tokens.shape[1])
+        pairs = max(1, PAIR_BLOCK_ELEMENTS // per_pair)
+        image_block = min(n_i, pairs)
+        text_block = max(1, pairs // image_block)
+        rows = []
+        for t in range(0, n_t, text_block):
+            w = words.map(lambda x: x[t: t + text_block].unsqueeze(1))  # [Ct, 1, m, .]
+            cols = []
+            for i in range(0, n_i, image_block):
+                out, _ = self.pair(w, regions.map(lambda x: x[i: i + image_block].unsqueeze(0)))  # [1, Ci, n, .]
+                cols.append({name: getattr(out, name) for name in want})
+            rows.append({name: torch.cat([c[name] for c in cols], dim=1) for name in want})
+        return {name: torch.cat([r[name] for r in rows]) for name in want}
+
+    def pairs(self, words: Words, regions: Regions, text_idx: torch.Tensor, image_idx: torch.Tensor) -> tuple[PnaaOutput, Fused]:
+        """The listed (text, image) pairs only."""
+        return self.pair(words.map(lambda x: x[text_idx]), regions.map(lambda x: x[image_idx]))
+
+    # --- training -----------------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> LossOutput:
+        cfg = self.config
+        texts = self.backbone.encode_text(batch.text, tokens=True)
+        images = self.backbone.encode_image(batch.images, tokens=True)
+        ia, ia_rows = info_nce(texts.embedding, images.embedding, 1 / cfg.temperature)  # L_IA
+        words, regions = self.parts(texts, images)
+        n = len(batch.rows)
+        eye = torch.eye(n, dtype=torch.bool, device=ia.device)
+        with torch.no_grad():  # find the hardest negatives on the full batch matrix
+            full = self.grid(words, regions, ("score", "word_max"))
+            off = full["score"].masked_fill(eye, -math.inf)
+            hard_image, hard_text = off.argmax(1), off.argmax(0)
+        arange = torch.arange(n, device=ia.device)
+        out, fused = self.pairs(words, regions, torch.cat([arange, arange, hard_text]), torch.cat([arange, hard_image, arange]))
+        positive, neg_image, neg_text = out.score.split(n)
+        pa_rows = triplet(positive, neg_image, neg_text, cfg.margin)
+        loss = ia + cfg.loss_weight * pa_rows.sum()  # L_PA sums over the batch (VSE++ / NAAF)
+        self._record(batch.rows, out, fused, n)
+        self._update_boundary(full, words.mask)
+        logs = {"boundary": float(torch.as_tensor(self.boundary()).detach()), "boundary_safe": self.estimate.safe, "boundary_fits": float(self.estimate.fits),
+                "flagged": (out.below[:n] > 0.5).float().mean().item(),
+                "word_gate_pos": fused.word_gate[:n].mean().item(), "word_gate_neg": fused.word_gate[n:].mean().item(),
+                "region_gate_pos": fused.region_gate[:n].mean().item(), "region_gate_neg": fused.region_gate[n:].mean().item(),
+                "l_ia": ia.item(), "l_pa": pa_rows.sum().item(), **self.estimate.stats}
+        return LossOutput(loss, (ia_rows + cfg.loss_weight * pa_rows).detach(), logs)
+
+    def _update_boundary(self, full: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        """Boundary samples as NAAF takes them: for each caption whose own image ranks first, the
+        best-region similarity of its real words with that image (matched) and with its
+        lowest-scoring image (mismatched)."""
+        score, word_max = full["score"], full["word_max"]
+        rows = torch.arange(len(score), device=score.device)
+        first = score.argmax(1) == rows
+        if not first.any():
+            return
+        worst = score.argmin(1)
+        keep = mask[first]
+        moved = self.estimate.update(word_max[rows[first], rows[first]][keep], word_max[rows[first], worst[first]][keep])
+        if moved and self.config.boundary == "learnable" and self.estimate.fits == 1:  # initialise t from the first fit
+            with torch.no_grad():
+                self.learned_boundary.fill_(self.estimate.value)
+
+    def _record(self, rows: torch.Tensor, out: PnaaOutput, fused: Fused, n: int) -> None:
+        rows = rows.cpu()
+        size = int(rows.max()) + 1
+        values = {"score": out.score, "below": out.below, "negative_mass": out.negative_mass, "word_gate": fused.word_gate}
+        for name, value in values.items():
+            if len(self.signals[name]) < size:
+                self.signals[name] = torch.cat([self.signals[name], torch.full((size - len(self.signals[name]),), math.nan)])
+            self.signals[name][rows] = value[:n].detach().float().cpu()
+
+    def param_groups(self):
+        head = [*self.cga.parameters(), self.learned_boundary]
+        ids = {id(p) for p in head}
+        return [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": head, "lr_scale": self.config.head_lr_scale}]
+
+    # --- evaluation ---------------------------------------------------------------------
+    def begin_scoring(self, texts: Features, images: Features) -> None:
+        """With ``rescore_top_k``: each image's K-th best text cosine over the whole split."""
+        self._first_stage = None
+        k = self.config.rescore_top_k
+        if k and k < len(texts.embedding):
+            g = cosine_matrix(texts, images)
+            self._first_stage = (images, g.topk(k, dim=0).values[-1])
+
+    def score(self, texts: Features, images: Features) -> torch.Tensor:
+        """[n_texts, n_images]: S_PN (fused with the global cosine by ``fusion_alpha``), every
+        pair or, with ``rescore_top_k``, only the first stage's candidates."""
+        words, regions = self.parts(texts, images)
+        alpha, k = self.config.fusion_alpha, self.config.rescore_top_k
+        g = cosine_matrix(texts, images) if alpha or k else None
+        if not k:
+            s = self.grid(words, regions)["score"]
+            return s if g is None else alpha * g + (1 - alpha) * s
+        candidate = g >= g.topk(min(k, g.shape[1]), dim=1).values[:, -1:]  # each text's top K images
+        if self._first_stage is not None and self._first_stage[0] is images:
+            candidate |= g >= self._first_stage[1]  # each image's top K texts over the whole split
+        out = g - OUTSIDE_TOP_K
+        text_idx, image_idx = candidate.nonzero(as_tuple=True)
+        per_pair = max(words.tokens.shape[1], regions.tokens.shape[1]) * max(words.tokens.shape[2], regions.tokens.shape[1])
+        block = max(1, PAIR_BLOCK_ELEMENTS // per_pair)
+        for start in range(0, len(text_idx), block):
+            t, i = text_idx[start: start + block], image_idx[start: start + block]
+            s = self.pairs(words, regions, t, i)[0].score
+            out[t, i] = alpha * g[t, i] + (1 - alpha) * s.float()
+        return out
+
+    def score_tag(self) -> str:
+        return f"top{self.config.rescore_top_k}" if self.config.rescore_top_k else ""
+
+    # --- clean-ness signal (methods.md 5.8) ----------------------------------------------
+    def pair_scores(self) -> PairScores | None:
+        """S_PN(i, i) when each row was last seen; flagged when more than half its real words
+        have their best region below t. Others: the negative mass, the share of words above t
+        and the mean word gate (each oriented higher = cleaner)."""
+        if not len(self.signals["score"]):
+            return None
+        get = lambda name: self.signals[name].numpy().astype(np.float64)  # noqa: E731
+        below = get("below")
+        return PairScores(clean_score=get("score"), flagged_noisy=np.nan_to_num(below, nan=0.0) > 0.5,
+                          others={"negative_mass": -get("negative_mass"), "words_above": 1 - below, "word_gate": -get("word_gate")})
+
+    # Resume and best.pt carry the boundary estimate and the per-row signals.
+    def get_extra_state(self):
+        return {"estimate": self.estimate.state(), "signals": {k: v.clone() for k, v in self.signals.items()}}
+
+    def set_extra_state(self, state) -> None:
+        self.estimate.load(state["estimate"])
+        self.signals = {k: v.clone() for k, v in state["signals"].items()}
+
+

@@ -1,0 +1,308 @@
+"""PMPGuard (reconstructed) against methods.md section 5: CGA, the PNAA boundary and branches, the
+pair-wise scorer (chunked, top K), the mined-pair gradient, the clean-ness signal, and a short noisy
+training run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import methods.pmpguard as pmp
+from methods.cga import CrossGatedAttention
+from methods.pnaa import BoundaryEstimate, gaussian_boundary, pnaa
+from rsnc_bench.backbones import Features
+from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS
+from rsnc_bench.store import CellKey, ResultStore
+
+from .token_stub import TokenBackbone, token_batch
+
+
+def method(rows: int = 10, **options) -> pmp.PmpGuard:
+    torch.manual_seed(0)
+    return pmp.PmpGuard(TokenBackbone(rows), pmp.PmpGuardConfig(**options))
+
+
+# --- CGA ----------------------------------------------------------------------------------
+def test_cga_matches_the_equations_written_out_per_pair():
+    """Shapes, and the gated fusion as a convex combination of the original and attended
+    features, computed naively with the concatenations [u ; v~] and [v ; u~]."""
+    torch.manual_seed(0)
+    d, m, n = 6, 4, 3
+    cga = CrossGatedAttention(d, scale=10.0)
+    nn.init.normal_(cga.affinity)
+    u, v = torch.randn(2, m, d), torch.randn(3, n, d)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    words, regions = cga.words(u, mask), cga.regions(v)
+    fused = cga(words.map(lambda x: x.unsqueeze(1)), regions.map(lambda x: x.unsqueeze(0)))
+    assert fused.words.shape == (2, 3, m, d) and fused.regions.shape == (2, 3, n, d) and fused.word_gate.shape == (2, 3)
+    for a in range(2):
+        for b in range(3):
+            real = mask[a]
+            aff = (u[a] / u[a].norm(dim=-1, keepdim=True)) @ cga.affinity @ (v[b] / v[b].norm(dim=-1, keepdim=True)).T
+            alpha = torch.softmax(10 * aff, dim=1)
+            beta = torch.softmax(10 * aff[real], dim=0)  # over real words only
+            v_ctx, u_ctx = alpha @ v[b], beta.T @ u[a][real]
+            g_u = torch.sigmoid(cga.word_gate(torch.cat([u[a], v_ctx], -1)))
+            g_v = torch.sigmoid(cga.region_gate(torch.cat([v[b], u_ctx], -1)))
+            torch.testing.assert_close(fused.words[a, b], g_u * u[a] + (1 - g_u) * v_ctx, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fused.regions[a, b], g_v * v[b] + (1 - g_v) * u_ctx, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fused.word_gate[a, b], g_u[real].mean(), atol=1e-6, rtol=1e-5)
+            lo, hi = torch.minimum(u[a], v_ctx), torch.maximum(u[a], v_ctx)  # convex: between the two, elementwise
+            assert ((fused.words[a, b] >= lo - 1e-6) & (fused.words[a, b] <= hi + 1e-6)).all()
+
+
+# --- the boundary -------------------------------------------------------------------------
+def density(t, mu, sd):
+    return math.exp(-((t - mu) ** 2) / (2 * sd * sd)) / (sd * math.sqrt(2 * math.pi))
+
+
+def crossing(mu_pos, sd_pos, mu_neg, sd_neg, alpha):
+    """Bisection of N+(t) - alpha N-(t) between the two means."""
+    f = lambda t: density(t, mu_pos, sd_pos) - alpha * density(t, mu_neg, sd_neg)  # noqa: E731
+    lo, hi = mu_neg, mu_pos
+    assert f(lo) < 0 < f(hi)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("mu_pos, sd_pos, mu_neg, sd_neg", [
+    (0.6, 0.10, 0.2, 0.05),  # sd+ > sd-: A > 0
+    (0.6, 0.05, 0.2, 0.10),  # sd+ < sd-: A < 0 (the larger root would lie beyond mu+)
+    (0.7, 0.08, 0.3, 0.08),  # equal variances: the linear case
+    (0.55, 0.12, 0.35, 0.09),  # overlapping
+])
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_boundary_closed_form_is_the_weighted_density_crossing(mu_pos, sd_pos, mu_neg, sd_neg, alpha):
+    t = gaussian_boundary(mu_pos, sd_pos, mu_neg, sd_neg, alpha)
+    assert t == pytest.approx(crossing(mu_pos, sd_pos, mu_neg, sd_neg, alpha), abs=1e-9)
+    assert mu_neg < t < mu_pos
+    assert density(t, mu_pos, sd_pos) == pytest.approx(alpha * density(t, mu_neg, sd_neg), rel=1e-6)
+
+
+def test_boundary_guard_without_a_real_root():
+    # alpha N- lies above N+ everywhere: a much wider, heavily weighted negative density
+    assert gaussian_boundary(0.5, 0.1, 0.45, 0.5, alpha=50.0) is None
+    est = BoundaryEstimate(init=0.25, alpha=50.0, min_samples=4, window=8)
+    moved = est.update(torch.tensor([0.5, 0.6, 0.4, 0.5]), torch.tensor([-0.3, 1.2, 0.45, 0.45]))
+    assert not moved and est.value == 0.25 and est.fits == 0  # no crossing: the previous value stays
+
+
+def test_boundary_estimate_waits_smooths_and_keeps_its_window():
+    est = BoundaryEstimate(init=0.0, alpha=2.0, momentum=0.7, window=6, min_samples=4)
+    pos, neg = torch.tensor([0.7, 0.8, 0.9]), torch.tensor([0.1, 0.2, 0.3])
+    assert not est.update(pos, neg) and est.value == 0.0  # 3 < 4 samples: nothing fitted
+    assert est.update(torch.tensor([0.8]), torch.tensor([0.2]))
+    p, q = torch.tensor([0.7, 0.8, 0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3, 0.2])
+    new = gaussian_boundary(p.mean().item(), p.std().item(), q.mean().item(), q.std().item(), 2.0)
+    assert est.value == pytest.approx(0.7 * new) and est.fits == 1  # 0.7 t_new + 0.3 t_old (= 0)
+    safe = p.mean().item() - 3 * p.std().item()
+    assert est.safe == pytest.approx(0.7 * safe if 0 <= safe <= 1 else 0.0)
+    est.update(torch.full((5,), 0.8), torch.full((5,), 0.2))
+    assert len(est.positives) == 6 and est.positives[0] == pytest.approx(0.8)  # the oldest samples left the window
+
+
+def test_boundary_outside_the_unit_interval_keeps_the_previous_value():
+    est = BoundaryEstimate(init=0.3, min_samples=3, window=10)
+    # both kinds of similarity negative: the crossing falls below 0
+    assert not est.update(torch.tensor([-0.2, -0.3, -0.25]), torch.tensor([-0.8, -0.9, -0.85]))
+    assert est.value == 0.3 and est.stats["mu_pos"] == pytest.approx(-0.25)
+
+
+# --- the PNAA branches -----------------------------------------------------------------------
+def test_negative_and_positive_branches_on_a_hand_made_similarity_matrix():
+    """Regions are the unit axes, so each word's similarities are its own coordinates."""
+    regions = torch.eye(3)
+    words = torch.tensor([[0.8, 0.6, 0.0],  # s = [0.8, 0.6, 0]: one region above t = 0.7
+                          [0.0, 0.6, -0.8],  # s = [0, 0.6, -0.8]: best region below t
+                          [0.7, 0.7, 0.1414],  # two regions above t, equally
+                          [5.0, 5.0, 5.0]])  # padding: must not count
+    mask = torch.tensor([True, True, True, False])
+    out = pnaa(words, regions, mask, boundary=0.7, scale=20.0, relevance=False)
+    unit = words / words.norm(dim=-1, keepdim=True)
+    # n = [0, 0.6 - 0.7, 0.7 - 0.7 (= 0: not below)]; p^f = [cos(w1, e1), 0 (nothing above), cos(w3, (e1 + e2) / 2)]
+    p3 = (unit[2, 0] + unit[2, 1]).item() / math.sqrt(2)
+    expected = ((0.8 + 0.0) + (-0.1 + 0.0) + (min(0.0, unit[2, 0].item() - 0.7) + p3)) / 3
+    assert out.score.item() == pytest.approx(expected, abs=1e-5)
+    assert out.below.item() == pytest.approx(1 / 3) and out.negative_mass.item() == pytest.approx(0.1 - min(0.0, unit[2, 0].item() - 0.7), abs=1e-5)
+    torch.testing.assert_close(out.word_max[:3], torch.tensor([0.8, 0.6, unit[2, 0].item()]))
+
+    # The relevance term, written out: LeakyReLU(0.1), L2 over the real words of each region, softmax over regions.
+    s = unit[:3].numpy().astype(np.float64)
+    relu = np.where(s > 0, s, 0.1 * s)
+    relu = relu / (np.linalg.norm(relu, axis=0, keepdims=True) + 1e-8)
+    soft = np.exp(20 * relu) / np.exp(20 * relu).sum(1, keepdims=True)
+    relevance = (soft * s).sum(1).mean()
+    full = pnaa(words, regions, mask, boundary=0.7, scale=20.0, relevance=True)
+    assert full.score.item() == pytest.approx(expected + relevance, abs=1e-5)
+
+
+def test_positive_weights_follow_exp_lambda_of_the_excess():
+    regions = torch.eye(2)
+    word = torch.tensor([[0.8, 0.75]])
+    s = (word / word.norm()).squeeze()
+    out = pnaa(word, regions, torch.tensor([True]), boundary=0.5, scale=20.0, relevance=False)
+    w = torch.softmax(20 * (s - 0.5), dim=0)
+    context = w[0] * regions[0] + w[1] * regions[1]
+    assert out.score.item() == pytest.approx((s @ context / context.norm()).item(), abs=1e-6)
+
+
+# --- the scorer ------------------------------------------------------------------------------
+def features(n: int, tokens: int, d: int, seed: int, padded: bool = False) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, tokens, d, generator=g)
+    mask = torch.ones(n, tokens, dtype=torch.bool)
+    if padded:
+        for i in range(n):
+            mask[i, 2 + i % (tokens - 2):] = False
+    return Features(t.mean(1), t, mask)
+
+
+def brute_force(m: pmp.PmpGuard, texts: Features, images: Features) -> torch.Tensor:
+    out = torch.empty(len(texts.tokens), len(images.tokens))
+    for a in range(len(texts.tokens)):
+        words = m.cga.words(texts.tokens[a], texts.mask[a])
+        for b in range(len(images.tokens)):
+            out[a, b] = m.pair(words, m.cga.regions(images.tokens[b]))[0].score
+    return out
+
+
+def test_chunked_scoring_equals_unchunked_and_the_per_pair_loop(monkeypatch):
+    m = method().eval()  # the stub's tokens are 8-d
+    texts, images = features(7, 6, 8, 1, padded=True), features(5, 4, 8, 2)
+    with torch.no_grad():
+        whole = m.score(texts, images)
+        monkeypatch.setattr(pmp, "PAIR_BLOCK_ELEMENTS", 6 * 8 * 3)  # 3 pairs per block
+        blocks = m.score(texts, images)
+        loop = brute_force(m, texts, images)
+    assert whole.shape == (7, 5)
+    torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loop, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_alpha_mixes_in_the_global_cosine():
+    m = method(fusion_alpha=0.25).eval()
+    plain = method().eval()
+    texts, images = features(4, 4, 8, 3), features(3, 3, 8, 4)
+    with torch.no_grad():
+        g = torch.nn.functional.normalize(texts.embedding, dim=-1) @ torch.nn.functional.normalize(images.embedding, dim=-1).T
+        torch.testing.assert_close(m.score(texts, images), 0.25 * g + 0.75 * plain.score(texts, images), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_rescores_only_the_first_stage_candidates():
+    full_method, top = method().eval(), method(rescore_top_k=2).eval()
+    assert top.score_tag() == "top2" and full_method.score_tag() == ""
+    texts, images = features(9, 5, 8, 5), features(6, 4, 8, 6)
+    with torch.no_grad():
+        full = full_method.score(texts, images)
+        top.begin_scoring(texts, images)
+        partial = top.score(texts, images)
+    g = torch.nn.functional.normalize(texts.embedding, dim=-1) @ torch.nn.functional.normalize(images.embedding, dim=-1).T
+    by_text = g >= g.topk(2, dim=1).values[:, -1:]
+    by_image = g >= g.topk(2, dim=0).values[-1:]
+    candidate = by_text | by_image
+    assert by_image.sum() > 0 and (candidate & ~by_text).any()  # the image side adds pairs of its own
+    torch.testing.assert_close(partial[candidate], full[candidate], atol=1e-5, rtol=1e-5)
+    assert partial[~candidate].max() < partial[candidate].min()  # re-scored pairs rank first in both directions
+    torch.testing.assert_close(partial[~candidate], g[~candidate] - pmp.OUTSIDE_TOP_K)
+
+
+# --- training ----------------------------------------------------------------------------------
+def dense_reference_loss(m: pmp.PmpGuard, batch) -> torch.Tensor:
+    """L_IA + lambda L_PA with the whole B x B PNAA matrix under autograd."""
+    from rsnc_bench.methods import info_nce
+
+    texts = m.backbone.encode_text(batch.text, tokens=True)
+    images = m.backbone.encode_image(batch.images, tokens=True)
+    words, regions = m.parts(texts, images)
+    s = m.pair(words.map(lambda x: x.unsqueeze(1)), regions.map(lambda x: x.unsqueeze(0)))[0].score
+    n = len(s)
+    off = s.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf)
+    pos = s.diagonal()
+    pa = ((0.2 - pos + off.max(1).values).clamp_min(0) + (0.2 - pos + off.max(0).values).clamp_min(0)).sum()
+    return info_nce(texts.embedding, images.embedding, 20.0)[0] + pa
+
+
+def test_mined_pairs_give_the_full_matrix_gradient():
+    a, b = method(rows=8), method(rows=8)
+    b.load_state_dict(a.state_dict())
+    batch = token_batch(list(range(8)))
+    out = a.training_loss(batch)
+    reference = dense_reference_loss(b, batch)
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    out.loss.backward()
+    reference.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pair_scores_logs_and_resume_state():
+    m = method(rows=10, boundary_min_samples=2, boundary_window=50)
+    assert m.pair_scores() is None
+    out = m.training_loss(token_batch([1, 3, 5, 7]))
+    assert out.per_row.shape == (4,)
+    assert {"boundary", "boundary_safe", "word_gate_pos", "word_gate_neg", "region_gate_pos", "flagged", "l_ia", "l_pa"} <= set(out.logs)
+    scores = m.pair_scores()
+    seen = [1, 3, 5, 7]
+    assert np.isnan(scores.clean_score[[0, 2, 4, 6]]).all() and not np.isnan(scores.clean_score[seen]).any()
+    assert set(scores.others) == {"negative_mass", "words_above", "word_gate"}
+    np.testing.assert_array_equal(scores.flagged_noisy[seen], m.signals["below"].numpy()[seen] > 0.5)
+    restored = method(rows=10)
+    restored.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(restored.pair_scores().clean_score, scores.clean_score)
+    assert restored.estimate.value == m.estimate.value and len(restored.estimate.positives) == len(m.estimate.positives)
+
+
+def test_boundary_samples_follow_naaf():
+    """Matched samples: the real words of captions whose own image ranks first, with that image;
+    mismatched: the same words with the caption's lowest-scoring image."""
+    m = method(boundary_min_samples=2, boundary_window=100)
+    score = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.3, 0.2], [0.1, 0.6, 0.7]])  # rows 0 and 2 rank their own image first
+    word_max = torch.arange(27, dtype=torch.float32).reshape(3, 3, 3) / 100
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    m._update_boundary({"score": score, "word_max": word_max}, mask)
+    torch.testing.assert_close(m.estimate.positives, torch.tensor([0.00, 0.01, 0.24]))  # (0,0) words 0-1, (2,2) word 0
+    torch.testing.assert_close(m.estimate.negatives, torch.tensor([0.03, 0.04, 0.18]))  # (0,1) words 0-1, (2,0) word 0
+
+
+def test_learnable_boundary_starts_from_the_first_fit_and_learns():
+    m = method(rows=10, boundary="learnable", boundary_min_samples=3, boundary_window=100)
+    eye = torch.eye(4)
+    word_max = torch.tensor([0.8, 0.75, 0.85, 0.8]).view(4, 1, 1) * eye.unsqueeze(-1) + torch.tensor([0.2, 0.25, 0.15, 0.2]).view(4, 1, 1) * (1 - eye).unsqueeze(-1)
+    m._update_boundary({"score": eye + 0.01 * torch.arange(4.0), "word_max": word_max.expand(4, 4, 1).contiguous()}, torch.ones(4, 1, dtype=torch.bool))
+    assert m.estimate.fits == 1 and 0.2 < m.estimate.value < 0.8
+    assert m.learned_boundary.item() == pytest.approx(m.estimate.value)
+    out = m.training_loss(token_batch(list(range(10))))
+    out.loss.backward()
+    assert m.learned_boundary.grad is not None and m.learned_boundary.grad != 0
+    head = m.param_groups()[1]
+    assert head["lr_scale"] == 10.0 and any(p is m.learned_boundary for p in head["params"])
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="boundary='gauss'; choose one of estimated, learnable"):
+        pmp.PmpGuardConfig(boundary="gauss")
+    with pytest.raises(ConfigError, match="eval_boundary"):
+        pmp.PmpGuardConfig(eval_boundary="test")
+    assert "reconstructed" in METHODS.get("pmpguard").__doc__
+
+
+SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
+
+
+def test_noisy_rows_get_lower_pair_scores_on_synthetic_at_noise_0_6(tmp_path):
+    key = CellKey("pmpguard", "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)
+    spec = CellSpec(key, data_root=str(tmp_path / "data"), dataset_options=SYNTHETIC_300)
+    doc = run_cell(spec, ResultStore(tmp_path / "runs"))
+    assert doc["status"] == "complete", doc.get("traceback")
+    last = doc["history"][-1]
+    assert last["detection"]["auroc"] > 0.6 and last["detection"]["n_scored"] > 0.9 * doc["noise"]["n_rows"]
+    assert {"boundary", "word_gate_pos", "word_gate_neg"} <= set(last["logs"])
