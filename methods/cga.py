@@ -60,12 +60,15 @@ class Fused:
 
 
 class CrossGatedAttention(nn.Module):
-    def __init__(self, dim: int, scale: float = 10.0):
+    def __init__(self, dim: int, scale: float = 10.0, gate_bias: float | None = None):
         super().__init__()
         self.scale = scale  # softmax scale on a_ij (SCAN / NAAF range 10-20; methods.md 5.3)
         self.affinity = nn.Parameter(torch.eye(dim))  # W_a, starting as plain cosine attention
         self.word_gate = nn.Linear(2 * dim, dim)  # W^u over [u ; v~]
         self.region_gate = nn.Linear(2 * dim, dim)  # W^v over [v ; u~]
+        if gate_bias is not None:
+            for gate in (self.word_gate, self.region_gate):
+                nn.init.constant_(gate.bias, gate_bias)
 
     def words(self, tokens: torch.Tensor, mask: torch.Tensor) -> Words:
         d = tokens.shape[-1]

@@ -37,6 +37,7 @@ class PmpGuardConfig(MethodConfig):
     """Defaults: methods.md 5.7 and decision 8.1, all [I] (no source gives them)."""
 
     attention_scale: float = 10.0  # CGA softmax scale on a_ij
+    gate_bias: float = 2.0  # initial gate bias: sigmoid(2) = 0.88 starts the fused features near the originals
     pnaa_scale: float = 20.0  # lambda of the positive branch (NAAF default)
     relevance: bool = True  # add NAAF's relevance-level term p^r to the positive branch
     boundary: str = "estimated"  # t_k from Gaussian fits, or "learnable": a scalar initialised by the first fit
@@ -91,7 +92,7 @@ class PmpGuard(Method):
     def __init__(self, backbone, config: PmpGuardConfig | None = None):
         super().__init__(backbone, config)
         cfg = self.config
-        self.cga = CrossGatedAttention(backbone.embed_dim, cfg.attention_scale)
+        self.cga = CrossGatedAttention(backbone.embed_dim, cfg.attention_scale, cfg.gate_bias)
         self.estimate = BoundaryEstimate(cfg.boundary_init, cfg.boundary_alpha, cfg.boundary_momentum, cfg.boundary_window, cfg.boundary_min_samples)
         self.learned_boundary = torch.nn.Parameter(torch.tensor(float(cfg.boundary_init)), requires_grad=cfg.boundary == "learnable")
         self.signals = {name: torch.empty(0) for name in ("score", "below", "negative_mass", "word_gate")}  # per train row, when last seen
