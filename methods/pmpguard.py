@@ -74,6 +74,13 @@ def trim_words(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
     return features.tokens[:, :length], mask[:, :length]
 
 
+def pairs_per_block(words: Words, regions: Regions) -> int:
+    """Pairs per block so that the largest intermediate ([pairs, m, d], [pairs, m, n], ...) stays
+    within PAIR_BLOCK_ELEMENTS."""
+    (m, d), n = words.tokens.shape[1:], regions.tokens.shape[1]
+    return max(1, PAIR_BLOCK_ELEMENTS // (max(m, n) * max(d, n)))
+
+
 def triplet(positive: torch.Tensor, hardest_image: torch.Tensor, hardest_text: torch.Tensor, margin: float) -> torch.Tensor:
     """Per row i: [m - S(i,i) + max_j S(i,j)]_+ + [m - S(i,i) + max_k S(k,i)]_+ (VSE++; methods.md 5.5)."""
     return (margin - positive + hardest_image).clamp_min(0) + (margin - positive + hardest_text).clamp_min(0)
@@ -122,8 +129,7 @@ class PmpGuard(Method):
     def grid(self, words: Words, regions: Regions, want=("score",)) -> dict[str, torch.Tensor]:
         """Every text against every image in blocks of bounded size: {name: [n_t, n_i(, m)]}."""
         n_t, n_i = len(words.tokens), len(regions.tokens)
-        per_pair = max(words.tokens.shape[1], regions.tokens.shape[1]) * max(words.tokens.shape[2], regions.tokens.shape[1])
-        pairs = max(1, PAIR_BLOCK_ELEMENTS // per_pair)
+        pairs = pairs_per_block(words, regions)
         image_block = min(n_i, pairs)
         text_block = max(1, pairs // image_block)
         rows = []
@@ -220,8 +226,7 @@ class PmpGuard(Method):
             candidate |= g >= self._first_stage[1]  # each image's top K texts over the whole split
         out = g - OUTSIDE_TOP_K
         text_idx, image_idx = candidate.nonzero(as_tuple=True)
-        per_pair = max(words.tokens.shape[1], regions.tokens.shape[1]) * max(words.tokens.shape[2], regions.tokens.shape[1])
-        block = max(1, PAIR_BLOCK_ELEMENTS // per_pair)
+        block = pairs_per_block(words, regions)
         for start in range(0, len(text_idx), block):
             t, i = text_idx[start: start + block], image_idx[start: start + block]
             s = self.pairs(words, regions, t, i)[0].score
