@@ -204,6 +204,7 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
     """Run every cell that is not complete. Returns (documents of the cells run, cells skipped)."""
     store = ResultStore(grid.out)
     cells = expand(grid)
+    store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
     todo = []
     for spec in cells:
         if grid.force:

@@ -34,7 +34,9 @@ from rsnc_bench.errors import ConfigError, RsncError
 SCHEMA = 1
 STATUSES = ("complete", "failed", "diverged")
 CKPT_SUFFIX = ".ckpt"
-LEADERBOARD_NAMES = frozenset({"leaderboard.md", "leaderboard.csv", "leaderboard.json"})
+SCORES_SUFFIX = ".scores.npz"
+GRID_NAME = "grid.json"  # the last grid run into the folder: its config and cell keys
+LEADERBOARD_NAMES = frozenset({"leaderboard.md", "leaderboard.csv", "leaderboard.json", GRID_NAME})
 
 
 class ResultFormatError(RsncError, ValueError):
@@ -177,6 +179,63 @@ class ResultStore:
 
     def path(self, key: CellKey) -> Path:
         return self.root / key.relpath()
+
+    def scores_path(self, key: CellKey) -> Path:
+        """The cell's per-row detection scores (``<cell>.scores.npz``), beside its JSON."""
+        return self.path(key).with_suffix(SCORES_SUFFIX)
+
+    def write_scores(self, key: CellKey, clean_score: np.ndarray, clean: np.ndarray,
+                     flagged_noisy: np.ndarray | None = None) -> str:
+        """Save a method's clean-ness score per train row (higher = cleaner, NaN = unscored), its
+        native noisy flag if any, and the manifest's clean flags, atomically; returns the path
+        relative to the root, for the result document's ``detection_scores``."""
+        arrays = {"clean_score": np.asarray(clean_score, dtype=np.float32), "clean": np.asarray(clean, dtype=bool)}
+        if flagged_noisy is not None:
+            arrays["flagged_noisy"] = np.asarray(flagged_noisy, dtype=bool)
+        path = self.scores_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path.relative_to(self.root).as_posix()
+
+    def read_scores(self, relpath: str) -> dict[str, np.ndarray] | None:
+        """Arrays saved by ``write_scores`` (``relpath`` as recorded in the document); None when
+        the file is missing or unreadable."""
+        path = self.root / relpath
+        if ".." in Path(relpath).parts or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError):
+            return None
+
+    def write_grid(self, config: dict[str, Any], cells: list[CellKey]) -> Path:
+        """Save the grid being run (``{"config": ..., "cells": [key, ...]}``) as ``<root>/grid.json``,
+        replacing the previous one, so that a report can list the cells without a result."""
+        data = {"config": config, "cells": [key.as_dict() for key in cells]}
+        return atomic_write_text(self.root / GRID_NAME, json.dumps(to_json_safe(data), indent=1) + "\n")
+
+    def read_grid(self) -> tuple[dict[str, Any], list[CellKey]] | None:
+        """The saved grid's config and cell keys; None without one; ResultFormatError when malformed."""
+        path = self.root / GRID_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultFormatError(f"{path}: unreadable grid file ({exc}); delete it or rerun `rsnc-bench run`") from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not isinstance(data.get("cells"), list):
+            raise ResultFormatError(f"{path}: not a saved grid (config and cells); delete it or rerun `rsnc-bench run`")
+        try:
+            return data["config"], [CellKey.from_dict(cell) for cell in data["cells"]]
+        except ConfigError as exc:
+            raise ResultFormatError(f"{path}: {exc}; delete it or rerun `rsnc-bench run`") from None
 
     def checkpoint_dir(self, key: CellKey) -> Path:
         """Folder for the cell's checkpoints, beside its JSON (not created here)."""

@@ -20,7 +20,7 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
                  "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
     assert result.exit_code == 0, result.output
     results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "noise" not in p.parts)
-    assert results == [
+    assert results == ["grid.json",
         "synthetic/tiny-vit/clip-ft/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/clip-ft/shuffle-r0.4-n42-s3.json",
         "synthetic/tiny-vit/zeroshot/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/zeroshot/shuffle-r0.4-n42-s3.json",
     ]
@@ -32,6 +32,7 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (out / "leaderboard.md").unlink()
     report = run("report", "--out", out)
     assert report.exit_code == 0 and (out / "leaderboard.md").exists() and "zeroshot" in report.output
+    assert (out / "report" / "report.html").is_file() and "report: " in report.output
 
 
 @pytest.mark.parametrize("args, fragments", [

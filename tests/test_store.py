@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from rsnc_bench.errors import ConfigError
@@ -141,3 +142,22 @@ def test_iter_results_skips_non_results_and_reports_corrupt(tmp_path):
     assert any("broken.json" in p and "unreadable" in p for p in store.problems)
     assert any("future.json" in p and "schema" in p for p in store.problems)
     assert list(ResultStore(tmp_path / "nowhere").iter_results()) == []
+
+
+def test_scores_and_grid_round_trip(tmp_path):
+    store, key = ResultStore(tmp_path), make_key()
+    rel = store.write_scores(key, np.array([0.5, np.nan, -1.0]), np.array([True, False, True]))
+    assert rel == "synthetic/tiny-vit/clip-ft/shuffle-r0.4-n0-s1.scores.npz" and store.scores_path(key) == tmp_path / rel
+    arrays = store.read_scores(rel)
+    assert set(arrays) == {"clean_score", "clean"} and np.isnan(arrays["clean_score"][1]) and arrays["clean"].dtype == bool
+    assert store.read_scores("nowhere.npz") is None and store.read_scores("../x.npz") is None
+    store.write(make_doc(key))
+    assert [d["key"] for d in store.iter_results()] == [key.as_dict()]  # the .npz is not a result
+    assert store.read_grid() is None
+    store.write_grid({"methods": ["clip-ft"], "pretrained": None}, [key, make_key(noise_rate=0.8)])
+    config, cells = store.read_grid()
+    assert config == {"methods": ["clip-ft"], "pretrained": None} and cells == [key, make_key(noise_rate=0.8)]
+    assert len(list(store.iter_results())) == 1 and store.problems == []  # grid.json is not a result
+    (tmp_path / "grid.json").write_text('{"config": {}, "cells": [{"method": "x"}]}')
+    with pytest.raises(ResultFormatError, match="grid.json"):
+        store.read_grid()

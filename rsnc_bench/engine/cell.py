@@ -151,6 +151,9 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         selected = evaluate(method, test, trainer.device, tconfig.eval_chunk, trainer.autocast)
     else:
         selected = last
+    scores = method.pair_scores()  # the selected epoch's state in both branches
+    if scores is not None:  # per-row scores, for ROC curves in the report
+        doc["detection_scores"] = store.write_scores(key, scores.clean_score, manifest.clean, scores.flagged_noisy)
     chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
     doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
                test=selected["plain"].as_dict(), test_last=last["plain"].as_dict(), detection=chosen.get("detection"))
