@@ -230,27 +230,62 @@ def run(
 
 @app.command("report")
 @user_errors
-def report(out: Path = typer.Option(Path("runs"), "--out", help="Result folder written by `rsnc-bench run`.")):
-    """Rebuild the leaderboard (Markdown and CSV) from every result in the folder.
+def report(
+    out: Path = typer.Option(Path("runs"), "--out", help="Result folder written by `rsnc-bench run`."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Folder for the report (default: <out>/report)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods or wildcards; 'ebaker' also keeps 'ebaker+sar' (default: all)."),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets or wildcards (default: all)."),
+    backbones: Optional[str] = typer.Option(None, "--backbones", help="Comma-separated backbones or wildcards (default: all)."),
+    metric: str = typer.Option("mr", "--metric", help="Leaderboard metric: mr, rsum, i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5 or t2i_r10."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Noise rate of the recall heatmap and the ROC curves (default: the highest present)."),
+    references: Optional[Path] = typer.Option(None, "--references", help="YAML of reported numbers (default: the shipped RRSITR / sanity-band file)."),
+    no_references: bool = typer.Option(False, "--no-references", help="Show no reported numbers."),
+    compare_to: str = typer.Option("clip-ft", "--compare-to", help="Method the significance test compares every other with; 'best' = the best by the metric."),
+    split: str = typer.Option("test", "--split", help="Metrics of this split: test, val or test_last."),
+):
+    """Rebuild the leaderboard and the report (tables, plots, report.html) from every result in the folder.
 
-    Example: rsnc-bench report --out runs
+    Writes <out>/leaderboard.md and .csv (every result), and into <out>/report: tables.md,
+    tables.tex (booktabs), results.csv (tidy), runs.csv, plots/*.png|pdf and report.html.
+
+    Examples:
+      rsnc-bench report --out runs
+      rsnc-bench report --out runs --methods 'clip-ft,rrsitr*' --metric rsum --rate 0.4
+      rsnc-bench report --out runs --datasets rsitmd --references my-papers.yaml --report-dir paper/
     """
+    from rsnc_bench.report import ReportOptions
+
     if not out.is_dir():
         raise RsncError(f"result folder {out} not found; run `rsnc-bench run --out {out}` first")
-    _write_report(out)
+    options = ReportOptions(methods=_patterns(methods), datasets=_patterns(datasets), backbones=_patterns(backbones),
+                            metric=metric, rate=rate, references=references, use_references=not no_references,
+                            compare_to=compare_to, split=split, report_dir=report_dir)
+    _write_report(out, options)
 
 
-def _write_report(out: Path) -> None:
+def _patterns(text: Optional[str]) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def _write_report(out: Path, options=None) -> None:
+    """The one report path of `run` and `report`: the leaderboard at the store root, then the report folder."""
     from rsnc_bench.leaderboard import write_leaderboard
+    from rsnc_bench.report import write_report
     from rsnc_bench.store import ResultStore
 
     store = ResultStore(out)
     docs = list(store.iter_results())
     for problem in store.problems:
         typer.echo(f"warning: {problem}", err=True)
+    made = write_report(out, options, docs, store.problems)  # first: a bad filter stops before anything is written
     md_path, csv_path = write_leaderboard(out, docs)
     typer.echo(md_path.read_text())
     typer.echo(f"leaderboard: {md_path} and {csv_path} ({len(docs)} results)")
+    for plot in made.plots:
+        if plot.skipped:
+            typer.echo(f"plot {plot.name} not drawn: {plot.skipped}")
+    incomplete = f"; {made.n_missing} missing and {made.n_failed} failed cells listed" if made.n_missing + made.n_failed else ""
+    typer.echo(f"report: {made.html} ({len(made.tables)} tables, {sum(p.png is not None for p in made.plots)} plots{incomplete})")
 
 
 @list_app.command("datasets")

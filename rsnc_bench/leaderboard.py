@@ -6,6 +6,9 @@ counted in ``failed`` so a table shows what is missing.
 
 An evaluation-time re-ranker's test metrics (``test_rerank``, tagged ``rerank_tag`` such as
 "sar") get a row of their own, method ``<method>+<tag>``, next to the plain one.
+
+``runs`` is the tidy per-run frame and ``aggregate`` its mean / std per configuration; the
+report (``rsnc_bench.report``) builds its tables and plots on both.
 """
 
 from __future__ import annotations
@@ -20,15 +23,19 @@ import pandas as pd
 from rsnc_bench.store import CellKey, ResultFormatError, atomic_write_text, format_rate, validate
 
 GROUP = ["dataset", "backbone", "noise_protocol", "noise_rate", "method"]
+SEEDS = ["noise_seed", "train_seed"]
 RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
-METRICS = ["mr", *RECALLS]
+METRICS = ["mr", *RECALLS, "rsum"]  # rSum = sum of the six recalls = 6 * mR (protocol.md 5.1)
+DETECTION = ["auroc", "ap", "flag_precision", "flag_recall", "flag_f1"]
 RECALL_HEADERS = {k: f"{k[:3]} R@{k[5:]}" for k in RECALLS}
 COLUMNS = [*GROUP, "n", "failed",
            *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "auroc_mean"]
+RUN_COLUMNS = [*GROUP, *SEEDS, "base_method", "variant", "status", "error", *METRICS, *DETECTION,
+               "realized_rate", "selected_epoch", "pretrained", "scores", "finished_at"]
 MD_NAME, CSV_NAME = "leaderboard.md", "leaderboard.csv"
 
 
-def _latest(docs: Iterable[dict[str, Any]]) -> dict[CellKey, dict[str, Any]]:
+def latest(docs: Iterable[dict[str, Any]]) -> dict[CellKey, dict[str, Any]]:
     """One document per cell: complete beats not complete, then the later ``finished_at``."""
     best: dict[CellKey, dict[str, Any]] = {}
     for doc in docs:
@@ -47,55 +54,98 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, Any]]:
-    """(method name, metrics) per row a complete document contributes: the plain one (named
-    ``<method>@<score_tag>`` when its scorer was tagged), plus ``<method>+<tag>`` from
-    ``test_rerank`` on the test split."""
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, str, Any]]:
+    """(method name, variant, metrics) per row a complete document contributes: the plain one
+    (named ``<method>@<score_tag>`` when its scorer was tagged), plus ``<method>+<tag>`` (variant
+    "rerank") from ``test_rerank`` on the test split."""
     score_tag = doc.get("score_tag")
     if isinstance(score_tag, str) and score_tag:
         method = f"{method}@{score_tag}"
-    rows = [(method, doc.get(split))]
+    rows = [(method, "plain", doc.get(split))]
     if split == "test" and isinstance(doc.get("test_rerank"), dict):
         tag = doc.get("rerank_tag")
-        rows.append((f"{method}+{tag if isinstance(tag, str) and tag else 'rerank'}", doc["test_rerank"]))
+        rows.append((f"{method}+{tag if isinstance(tag, str) and tag else 'rerank'}", "rerank", doc["test_rerank"]))
     return rows
 
 
+def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    values = {m: _number(metrics.get(m)) for m in METRICS}
+    if math.isnan(values["rsum"]) and not any(math.isnan(values[k]) for k in RECALLS):
+        values["rsum"] = sum(values[k] for k in RECALLS)
+    return values
+
+
+def runs(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
+    """One row per run (columns ``RUN_COLUMNS``): every complete cell's metrics of ``split``, a
+    ``<method>+<tag>`` row for its test re-rank, and one metric-less row per failed or diverged
+    cell (its ``status`` and ``error``). A complete cell without metrics for ``split`` is left out;
+    a cell found twice (same key) counts once (see ``latest``). Detection columns are the selected
+    epoch's (NaN without a clean-ness signal); ``scores`` is the relative path of the per-row
+    detection scores, if saved."""
+    rows = []
+    for key, doc in latest(results).items():
+        base = {**{name: getattr(key, name) for name in GROUP}, "noise_seed": key.noise_seed,
+                "train_seed": key.train_seed, "base_method": key.method, "finished_at": doc.get("finished_at")}
+        backbone = _mapping(_mapping(doc.get("config")).get("backbone"))
+        base["pretrained"] = backbone.get("pretrained")
+        if doc["status"] != "complete":
+            rows.append({**base, "variant": "plain", "status": doc["status"], "error": doc.get("error")})
+            continue
+        detection, noise = _mapping(doc.get("detection")), _mapping(doc.get("noise"))
+        extra = {**{m: _number(detection.get(m)) for m in DETECTION}, "status": "complete", "error": None,
+                 "realized_rate": _number(noise.get("realized_rate")), "selected_epoch": doc.get("selected_epoch"),
+                 "scores": doc.get("detection_scores") if isinstance(doc.get("detection_scores"), str) else None}
+        for method, variant, metrics in _rows(doc, key.method, split):
+            if isinstance(metrics, dict):
+                rows.append({**base, **extra, "method": method, "variant": variant, **_metrics(metrics)})
+    df = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
+    if not df.empty:
+        df[SEEDS] = df[SEEDS].astype(int)
+    df.attrs["split"] = split
+    return df
+
+
+def aggregate(table: pd.DataFrame, by: list[str] | None = None, metrics: Iterable[str] = METRICS) -> pd.DataFrame:
+    """Mean and std (ddof=1; NaN for one run) of ``metrics`` over the complete runs of each ``by``
+    group (default ``GROUP``), ``n`` runs, ``failed`` cells, and ``auroc_mean`` when the runs have
+    an ``auroc`` column. Groups with only failed cells are kept (n = 0)."""
+    by = list(by or GROUP)
+    metrics = list(metrics)
+    done = table[table["status"] == "complete"]
+    frames = []
+    if not done.empty:
+        stats = done.groupby(by, sort=False)
+        agg = stats[metrics].agg(["mean", "std"])
+        agg.columns = [f"{m}_{s}" for m, s in agg.columns]
+        agg["n"] = stats.size()
+        if "auroc" in done:
+            agg["auroc_mean"] = stats["auroc"].mean()
+        frames.append(agg)
+    bad = table[table["status"] != "complete"]
+    if not bad.empty:
+        frames.append(bad.groupby(by, sort=False).size().rename("failed").to_frame())
+    columns = [*by, "n", "failed", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "auroc_mean"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    df = pd.concat(frames, axis=1).reset_index().reindex(columns=columns)
+    df[["n", "failed"]] = df[["n", "failed"]].fillna(0).astype(int)
+    return df
+
+
 def leaderboard(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
-    """Mean/std of mR and the six recalls of ``split`` ("test", "val" or "test_last") per configuration.
+    """Mean/std of mR, the six recalls and rSum of ``split`` ("test", "val" or "test_last") per configuration.
 
     std uses ddof=1 and is NaN for a single run. A complete cell without metrics for ``split``
     is left out. ``auroc_mean`` averages the runs that report a detection AUROC (NaN if none).
     A test re-rank (``test_rerank``) adds a ``<method>+<rerank_tag>`` row (tag "rerank" if unnamed).
     A cell found twice (same key) counts once. Sorted by dataset, backbone, protocol, rate, then mR (best first).
     """
-    runs, failed = [], []
-    for key, doc in _latest(results).items():
-        group = {name: getattr(key, name) for name in GROUP}
-        if doc["status"] != "complete":
-            failed.append(group)
-            continue
-        detection = doc.get("detection") if isinstance(doc.get("detection"), dict) else {}
-        for method, metrics in _rows(doc, key.method, split):
-            if isinstance(metrics, dict):
-                runs.append({**group, "method": method, **{m: _number(metrics.get(m)) for m in METRICS},
-                             "auroc": _number(detection.get("auroc"))})
-    frames = []
-    if runs:
-        stats = pd.DataFrame(runs).groupby(GROUP, sort=False)
-        table = stats[METRICS].agg(["mean", "std"])
-        table.columns = [f"{m}_{s}" for m, s in table.columns]
-        table["n"] = stats.size()
-        table["auroc_mean"] = stats["auroc"].mean()
-        frames.append(table)
-    if failed:
-        frames.append(pd.DataFrame(failed).groupby(GROUP, sort=False).size().rename("failed").to_frame())
-    if not frames:
-        df = pd.DataFrame(columns=COLUMNS)
-    else:
-        df = pd.concat(frames, axis=1).reset_index()
-        df = df.reindex(columns=COLUMNS)
-        df[["n", "failed"]] = df[["n", "failed"]].fillna(0).astype(int)
+    df = aggregate(runs(results, split)).reindex(columns=COLUMNS)
+    if not df.empty:
         df = df.sort_values([*GROUP[:4], "mr_mean"], ascending=[True] * 4 + [False], na_position="last",
                             kind="stable").reset_index(drop=True)
     df.attrs["split"] = split
