@@ -163,6 +163,16 @@ def _looks_like_result(doc: Any) -> bool:
     return isinstance(doc, dict) and "schema" in doc and "key" in doc and "status" in doc
 
 
+def _read_json(path: Path, what: str, fix: str) -> Any:
+    """The parsed file, None when it does not exist; ResultFormatError naming ``fix`` when unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultFormatError(f"{path}: unreadable {what} ({exc}); {fix}") from None
+
+
 class ResultStore:
     """Result documents under ``root``.
 
@@ -224,12 +234,9 @@ class ResultStore:
     def read_grid(self) -> tuple[dict[str, Any], list[CellKey]] | None:
         """The saved grid's config and cell keys; None without one; ResultFormatError when malformed."""
         path = self.root / GRID_NAME
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        data = _read_json(path, "grid file", "delete it or rerun `rsnc-bench run`")
+        if data is None:
             return None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ResultFormatError(f"{path}: unreadable grid file ({exc}); delete it or rerun `rsnc-bench run`") from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not isinstance(data.get("cells"), list):
             raise ResultFormatError(f"{path}: not a saved grid (config and cells); delete it or rerun `rsnc-bench run`")
         try:
@@ -252,12 +259,9 @@ class ResultStore:
     def read(self, key: CellKey) -> dict[str, Any] | None:
         """The cell's document, None when there is none; ResultFormatError when the file is unusable."""
         path = self.path(key)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        doc = _read_json(path, "result file", "rerun the cell to replace it")
+        if doc is None:
             return None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ResultFormatError(f"{path}: unreadable result file ({exc}); rerun the cell to replace it") from None
         try:
             found = validate(doc)
         except ResultFormatError as exc:
