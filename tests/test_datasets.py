@@ -18,7 +18,8 @@ def test_sydney_json_key_order_tif_numeric_names_and_native_val(tmp_path):
     root = write_karpathy(tmp_path, "dataset.json", "imgs", images, indent=4, sydney_order=True, image_format="TIFF")
     ds = load_dataset("sydney", root)
     assert [s.n_images for s in ds.splits.values()] == [4, 1, 1]
-    assert ds.val_source.startswith("native")
+    assert ds.val_source.startswith("native") and ds.val_provenance["source"] == "native"
+    assert "fraction" not in ds.val_provenance and len(ds.val_provenance["images_sha256"]) == 64
     assert ds["train"].captions[0] == "Sydney 1 caption 0 ."  # case kept
     assert ds["train"].classes == ("", "", "", "")  # numeric names carry no class
 
@@ -46,10 +47,15 @@ def test_rsitmd_blank_captions_are_kept_and_reported(tmp_path):
 def test_amfmn_both_filename_conventions_and_val_carve(tmp_path):
     train = [(f"airport_{i}.jpg", [f"airport {i} line {k} ." for k in range(5)]) for i in range(20)]
     test = [("00012.jpg", five("numeric")), ("beach_3.jpg", five("beach"))]
-    ds = load_dataset("rsicd", write_amfmn(tmp_path, "rsicd", "RSICD_images", train, test), layout="amfmn")
+    root = write_amfmn(tmp_path, "rsicd", "RSICD_images", train, test)
+    ds = load_dataset("rsicd", root, layout="amfmn")
     assert ds["train"].n_images + ds["val"].n_images == 20
     assert ds["val"].n_images == 2  # round(10 % of 20)
     assert ds.val_source.startswith("carved")
+    val = ds.val_provenance
+    assert (val["source"], val["fraction"], val["seed"], val["n_images"]) == ("carved", 0.1, 0, 2)
+    other = load_dataset("rsicd", root, layout="amfmn", val_seed=1).val_provenance
+    assert other["seed"] == 1 and other["images_sha256"] != val["images_sha256"]  # another carve, another hash
     assert not set(ds["train"].images) & set(ds["val"].images)
     assert ds["test"].images == ("00012.jpg", "beach_3.jpg")
     assert ds["test"].img_of.tolist() == [0] * 5 + [1] * 5

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from rsnc_bench.data.formats import READERS, Layout
 from rsnc_bench.data.split import Dataset, build_split
-from rsnc_bench.data.val_carve import DEFAULT_VAL_FRACTION, DEFAULT_VAL_SEED, carve_val
+from rsnc_bench.data.val_carve import DEFAULT_VAL_FRACTION, DEFAULT_VAL_SEED, carve_val, val_provenance
 from rsnc_bench.errors import ConfigError, DatasetNotFoundError
 from rsnc_bench.registry import Registry
 
@@ -95,12 +95,12 @@ class DatasetSpec:
         }
         if not splits:
             raise DatasetNotFoundError(f"dataset {self.name!r}: {', '.join(map(str, files.values()))} hold no caption rows; check the files")
-        val_source = "native (from the dataset files)"
-        if "val" not in splits and "train" in splits:
+        carved = "val" not in splits and "train" in splits
+        if carved:
             splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, val_seed)
-            val_source = f"carved from train: {val_fraction:.0%} of images by sha256 order, seed {val_seed}"
+        provenance = val_provenance(splits["val"], carved, val_fraction, val_seed) if "val" in splits else None
         ordered = {s: splits[s] for s in ("train", "val", "test") if s in splits}
-        dataset = Dataset(self.name, layout_name, root, ordered, val_source)
+        dataset = Dataset(self.name, layout_name, root, ordered, provenance)
         if check_images:
             self._check_images(dataset, files)
         return dataset

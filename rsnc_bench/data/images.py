@@ -1,9 +1,12 @@
 """Image loading: decode, convert to RGB, resize, and optionally cache the result.
 
-Images are resized so that the shorter side is ``size`` (bicubic) and centre-cropped to
-``size x size``, the evaluation transform of the CLIP pipeline (methods.md 2.6); for the square
-RS images this is a plain resize. Training augmentation and normalisation operate on these
-uint8 tensors later.
+With a ``size``, images are resized so that the shorter side is ``size`` (bicubic) and
+centre-cropped to ``size x size``, the evaluation transform of the CLIP pipeline (methods.md 2.6);
+for the square RS images this is a plain resize. With ``size=None`` they keep their native
+resolution (training crops are cut from the original image, as RandomResizedCrop does, not from a
+resized copy), padded at the bottom / right to the split's largest height and width; ``sizes()``
+gives each image's true (height, width). Training augmentation and normalisation operate on
+these uint8 tensors later.
 
 With a cache folder, a split's images are decoded once into one uint8 array file
 (N x size x size x 3) that later epochs and grid cells memory-map instead of decoding
@@ -29,11 +32,27 @@ from rsnc_bench.errors import ImageReadError
 CACHE_VERSION = "1"  # bump when the decode / resize rule changes
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """The image at ``path`` as a uint8 array (size, size, 3), or an ImageReadError."""
+def _unreadable(path, exc) -> ImageReadError:
+    return ImageReadError(f"{path}: cannot read image ({exc}); replace the file or drop it from the annotations")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def load_image(path: str | Path, size: int | None) -> np.ndarray:
+    """The image at ``path`` as a uint8 array (size, size, 3), or (h, w, 3) at its native
+    resolution when ``size`` is None; an ImageReadError when it cannot be read."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
+            if size is None:
+                return np.array(image, dtype=np.uint8)
             w, h = image.size
             scale = size / min(w, h)
             rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -42,18 +61,46 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             image = image.crop((left, top, left + size, top + size))
             return np.array(image, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc}); replace the file or drop it from the annotations") from None
+        raise _unreadable(path, exc) from None
 
 
 class SplitImages:
-    """The images of a split as uint8 tensors (3, size, size), indexed like ``split.images``."""
+    """The images of a split as uint8 tensors (3, size, size), indexed like ``split.images``;
+    with ``size=None`` at native resolution on a common canvas (see the module doc)."""
 
-    def __init__(self, split: Split, size: int, cache_dir: str | Path | None = None, workers: int | None = None):
+    def __init__(self, split: Split, size: int | None, cache_dir: str | Path | None = None, workers: int | None = None):
         self.split, self.size = split, size
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self._sizes: np.ndarray | None = None
         self._array: np.ndarray | None = None
         if cache_dir is not None:
             self._array = self._cached(Path(cache_dir))
+
+    def sizes(self) -> np.ndarray:
+        """[N, 2] int64 (height, width) of each image as stored (native, or size x size)."""
+        if self._sizes is None:
+            if self.size is not None:
+                self._sizes = np.full((self.split.n_images, 2), self.size, dtype=np.int64)
+            else:
+                paths = [self.split.image_path(i) for i in range(self.split.n_images)]
+                with ThreadPoolExecutor(self.workers) as pool:
+                    self._sizes = np.array(list(pool.map(image_size, paths)), dtype=np.int64).reshape(-1, 2)
+        return self._sizes
+
+    def _canvas(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.sizes().max(axis=0)) if self.split.n_images else (1, 1)
+
+    def _load(self, index: int) -> np.ndarray:
+        """One image on the split's canvas (a no-op pad at a fixed size or for equal native sizes)."""
+        pixels = load_image(self.split.image_path(index), self.size)
+        if self.size is not None:
+            return pixels
+        height, width = self._canvas()
+        if pixels.shape[:2] == (height, width):
+            return pixels
+        canvas = np.zeros((height, width, 3), dtype=np.uint8)
+        canvas[: pixels.shape[0], : pixels.shape[1]] = pixels
+        return canvas
 
     def __len__(self) -> int:
         return self.split.n_images
@@ -62,21 +109,20 @@ class SplitImages:
         if self._array is not None:
             pixels = np.array(self._array[index])  # copy out of the read-only memory map
         else:
-            pixels = load_image(self.split.image_path(index), self.size)
+            pixels = self._load(index)
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def stacked(self) -> torch.Tensor:
-        """Every image of the split in one uint8 tensor [N, 3, size, size]."""
+        """Every image of the split in one uint8 tensor [N, 3, size, size] (or [N, 3, H, W], the canvas)."""
         if self._array is not None:
             pixels = np.array(self._array)  # a writable copy out of the memory map
         else:
-            paths = [self.split.image_path(i) for i in range(self.split.n_images)]
             with ThreadPoolExecutor(self.workers) as pool:
-                pixels = np.stack(list(pool.map(lambda p: load_image(p, self.size), paths)))
+                pixels = np.stack(list(pool.map(self._load, range(self.split.n_images))))
         return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
     def cache_key(self) -> str:
-        h = hashlib.sha256(f"v{CACHE_VERSION}:{self.size}".encode())
+        h = hashlib.sha256(f"v{CACHE_VERSION}:{self.size or 'native'}".encode())
         for i in range(self.split.n_images):
             path = self.split.image_path(i)
             stat = path.stat()
@@ -84,17 +130,18 @@ class SplitImages:
         return h.hexdigest()[:20]
 
     def _cached(self, cache_dir: Path) -> np.ndarray:
-        path = cache_dir / f"{self.split.name}-{self.size}px-{self.cache_key()}.npy"
+        resolution = "native" if self.size is None else f"{self.size}px"
+        path = cache_dir / f"{self.split.name}-{resolution}-{self.cache_key()}.npy"
         if not path.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            shape = (self.split.n_images, self.size, self.size, 3)
+            height, width = (self.size, self.size) if self.size is not None else self._canvas()
+            shape = (self.split.n_images, height, width, 3)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            paths = [self.split.image_path(i) for i in range(self.split.n_images)]
             try:
                 with ThreadPoolExecutor(self.workers) as pool:
-                    decoded = pool.map(lambda p: load_image(p, self.size), paths)
-                    for i, pixels in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {self.split.name} images", unit="img", leave=False, disable=None)):
+                    decoded = pool.map(self._load, range(self.split.n_images))
+                    for i, pixels in enumerate(tqdm(decoded, total=self.split.n_images, desc=f"caching {self.split.name} images", unit="img", leave=False, disable=None)):
                         array[i] = pixels
                 array.flush()
                 del array

@@ -84,6 +84,14 @@ class Split:
         )
 
 
+def describe_val(provenance: dict) -> str:
+    """One line for summaries and reports."""
+    if provenance["source"] == "carved":
+        return (f"carved from train: {provenance['fraction']:.0%} of images by sha256 order, seed {provenance['seed']} "
+                f"({provenance['n_images']} images, hash {provenance['images_sha256'][:12]})")
+    return f"native (from the dataset files; {provenance['n_images']} images, hash {provenance['images_sha256'][:12]})"
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A loaded dataset: its splits and how they were obtained."""
@@ -92,7 +100,11 @@ class Dataset:
     layout: str
     root: Path
     splits: dict[str, Split]
-    val_source: str  # "native" (from the files) or "carved ..." (from train, see val_carve.py)
+    val_provenance: dict | None  # native or carved, fraction, seed, image-list hash (val_carve.val_provenance)
+
+    @property
+    def val_source(self) -> str:
+        return describe_val(self.val_provenance) if self.val_provenance else "none"
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from rsnc_bench.data.split import describe_val
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.leaderboard import GROUP, METRICS, SEEDS, latest, runs
 from rsnc_bench.report.options import ReportOptions
@@ -84,8 +85,21 @@ def _history(docs: dict[CellKey, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*GROUP, *SEEDS, "epoch", *METRICS])
 
 
+def _provenance(doc: dict) -> dict[str, str]:
+    """What a result was computed with beyond the environment: its val split and its precisions."""
+    out = {}
+    dataset = (doc.get("config") or {}).get("dataset") or {}
+    if dataset.get("val"):
+        out[f"val split ({dataset.get('name')})"] = describe_val(dataset["val"])
+    timings = doc.get("timings") or {}
+    for name, label in (("precision", "training precision"), ("eval_precision", "evaluation precision")):
+        if timings.get(name):
+            out[label] = timings[name]
+    return out
+
+
 def _environments(docs: Iterable[dict]) -> pd.DataFrame:
-    """Distinct values of each environment field over the results, with how many results have each."""
+    """Distinct values of each environment and provenance field over the results, with how many results have each."""
     counts: dict[tuple[str, str], int] = {}
     for doc in docs:
         env = doc.get("environment")
@@ -93,6 +107,7 @@ def _environments(docs: Iterable[dict]) -> pd.DataFrame:
             continue
         flat = {k: v for k, v in env.items() if k != "packages"}
         flat.update({f"package {k}": v for k, v in (env.get("packages") or {}).items()})
+        flat.update(_provenance(doc))
         for name, value in flat.items():
             counts[(name, str(value))] = counts.get((name, str(value)), 0) + 1
     rows = [{"field": k, "value": v, "results": n} for (k, v), n in counts.items()]
