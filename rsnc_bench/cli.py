@@ -16,7 +16,9 @@ from rsnc_bench.config import parse_assignments, parse_floats
 from rsnc_bench.data import DATASETS, Dataset, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
+from rsnc_bench.backbones import TRAIN_HINTS
 from rsnc_bench.errors import RsncError
+from rsnc_bench.grid_config import GridConfig, load_grid
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest, manifest_path
 from rsnc_bench.registry import first_line
@@ -173,33 +175,27 @@ def data_check(
 
 
 # --- run and report ------------------------------------------------------------------------------
-@app.command("run")
-@user_errors
-def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML grid file; command-line values override it."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods or wildcards [default: every registered method]."),
-    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets [default: synthetic]."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone(s), comma-separated (see `list backbones`) [default: tiny-vit]."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local weights file for the backbone (never downloaded)."),
-    quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force QuickGELU: needed for OpenAI-initialised weights such as RemoteCLIP and GeoRSCLIP ViT-B-32."),
-    backbone_opt: Optional[List[str]] = typer.Option(None, "--backbone-opt", "-b", help="Backbone family option name=value (e.g. text=/models/bert); repeatable."),
-    noise: Optional[str] = typer.Option(None, "--noise", help="Comma-separated noise rates [default: 0.0,0.4,0.8]."),
-    noise_protocol: Optional[str] = typer.Option(None, "--noise-protocol", help="Noise protocol (see `list noise`) [default: shuffle]."),
-    noise_seeds: Optional[str] = typer.Option(None, "--noise-seeds", help="Comma-separated noise seeds [default: 42]."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds [default: 3]."),
-    data_root: Optional[Path] = DataRootOpt,
-    layout: Optional[str] = LayoutOpt,
-    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
-    train_opt: Optional[List[str]] = typer.Option(None, "--train-opt", "-t", help="Training option name=value (epochs, batch_size, lr, precision, ...); repeatable."),
-    method_opt: Optional[List[str]] = typer.Option(None, "--method-opt", "-m", help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Result folder [default: runs]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: auto: every visible GPU, one cell each]."),
-    force: bool = typer.Option(False, "--force", help="Rerun cells that are already complete."),
-):
-    """Train and evaluate every missing cell of a grid, then print the leaderboard.
+_GRID_DEFAULTS = GridConfig()
+_DEFAULT_NOTES = {"methods": "every registered method", "device": "every visible GPU, one cell each, else the CPU"}
+
+
+def _default(name: str) -> str:
+    """' [default: ...]' for a grid field, read from GridConfig; the bracket is escaped because
+    rich reads an unescaped [...] in help text as markup and drops it."""
+    value = getattr(_GRID_DEFAULTS, name)
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    note = f" ({_DEFAULT_NOTES[name]})" if name in _DEFAULT_NOTES else ""
+    return f" \\[default: {shown}{note}]"
+
+
+def _preset_lines() -> str:
+    return "\n".join(f"        {name}: " + ", ".join(f"{k} {v:g}" for k, v in hints.items()) for name, hints in TRAIN_HINTS.items())
+
+
+RUN_HELP = f"""Train and evaluate every missing cell of a grid, then print the leaderboard.
 
     With no arguments: the synthetic dataset, the tiny CPU backbone, every method, noise
-    0.0 / 0.4 / 0.8 (a few minutes on a laptop CPU).
+    0.0 / 0.4 / 0.8 with the rrsitr noise protocol, seed 42.
 
     Examples:
       rsnc-bench run
@@ -207,8 +203,42 @@ def run(
       rsnc-bench run --datasets rsicd --data-root ../shared/data/rsicd-subset --methods clip-ft --noise 0,0.6
       rsnc-bench run --backbone ViT-B-32-quickgelu --pretrained RemoteCLIP-ViT-B-32.pt --methods zeroshot --datasets rsicd
       rsnc-bench run --config benchmarks/grids/rsicd-subset.yaml --seeds 3
+
+    Non-paper defaults (docs/fidelity.md lists every component, paper / reference code / here):
+      training budget of the random-init CPU presets, over each method's paper budget:
+{_preset_lines()}
+      ebaker, iebaker: EBA bank of one epoch of real similarities (bank_size=0; papers 200000, N(0,1) start);
+        KER masks every sub-token of a keyword (ker_faithful_offset=false; the code's off-by-one is an option)
+      pmpguard: reconstructed (no public code); rrsitr-calibrated: a non-paper RRSITR variant
+      every method: epoch selected on clean val (EBAKER's code evaluates test every epoch); evaluation in fp32
     """
-    from rsnc_bench.grid import load_grid, run_grid
+
+
+@app.command("run", help=RUN_HELP)
+@user_errors
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML grid file; command-line values override it."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods or wildcards." + _default("methods")),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets." + _default("datasets")),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone(s), comma-separated (see `list backbones`)." + _default("backbones")),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local weights file for the backbone (never downloaded)."),
+    quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force QuickGELU: needed for OpenAI-initialised weights such as RemoteCLIP and GeoRSCLIP ViT-B-32."),
+    backbone_opt: Optional[List[str]] = typer.Option(None, "--backbone-opt", "-b", help="Backbone family option name=value (e.g. text=/models/bert); repeatable."),
+    noise: Optional[str] = typer.Option(None, "--noise", help="Comma-separated noise rates." + _default("noise")),
+    noise_protocol: Optional[str] = typer.Option(None, "--noise-protocol", help="Noise protocol (see `list noise`)." + _default("noise_protocol")),
+    noise_seeds: Optional[str] = typer.Option(None, "--noise-seeds", help="Comma-separated noise seeds." + _default("noise_seeds")),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds." + _default("seeds")),
+    data_root: Optional[Path] = DataRootOpt,
+    layout: Optional[str] = LayoutOpt,
+    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
+    train_opt: Optional[List[str]] = typer.Option(None, "--train-opt", "-t", help="Training option name=value (epochs, batch_size, lr, precision, ...); repeatable."),
+    method_opt: Optional[List[str]] = typer.Option(None, "--method-opt", "-m", help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Result folder." + _default("out")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N." + _default("device")),
+    force: bool = typer.Option(False, "--force", help="Rerun cells that are already complete."),
+):
+    """Train and evaluate every missing cell of a grid, then print the leaderboard (help: RUN_HELP)."""
+    from rsnc_bench.grid import run_grid
     from rsnc_bench.leaderboard import summary_line
     from tqdm.auto import tqdm
 

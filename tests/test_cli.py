@@ -152,3 +152,20 @@ def test_import_via_cli(tmp_path, synthetic_root):
     assert_user_error(run("noise", "import", short, "--data-root", synthetic_root, *TINY, "--out", tmp_path / "x.json"),
                       "short.csv", "has 10 rows")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_run_help_shows_every_default_and_the_non_paper_ones():
+    """rich reads an unescaped [default: ...] as markup and drops it; the defaults must be visible."""
+    from rsnc_bench.backbones import TRAIN_HINTS
+    from rsnc_bench.grid_config import GridConfig
+
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert GridConfig().noise_protocol == "rrsitr"  # the field's protocol (protocol.md 4.1), as the README says
+    for shown in ["[default: * (every registered method)]", "[default: synthetic]", "[default: tiny-vit]",
+                  "[default: 0.0,0.4,0.8]", "[default: rrsitr]", "[default: 42]", "[default: 3]", "[default: runs]"]:
+        assert shown in text, shown
+    for name, hints in TRAIN_HINTS.items():  # every budget value a preset changes
+        assert f"{name}: " + ", ".join(f"{k} {v:g}" for k, v in hints.items()) in text
+    assert "docs/fidelity.md" in text and "bank_size=0" in text

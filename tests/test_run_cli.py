@@ -8,7 +8,8 @@ import pytest
 
 from rsnc_bench.engine.cell import train_config
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.grid import expand, load_grid
+from rsnc_bench.grid import expand
+from rsnc_bench.grid_config import load_grid
 from rsnc_bench.methods import METHODS
 
 from .test_cli import TINY, assert_user_error, run
@@ -21,8 +22,8 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     assert result.exit_code == 0, result.output
     results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "noise" not in p.parts)
     assert results == ["grid.json",
-        "synthetic/tiny-vit/clip-ft/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/clip-ft/shuffle-r0.4-n42-s3.json",
-        "synthetic/tiny-vit/zeroshot/shuffle-r0-n42-s3.json", "synthetic/tiny-vit/zeroshot/shuffle-r0.4-n42-s3.json",
+        "synthetic/tiny-vit/clip-ft/rrsitr-r0-n42-s3.json", "synthetic/tiny-vit/clip-ft/rrsitr-r0.4-n42-s3.json",
+        "synthetic/tiny-vit/zeroshot/rrsitr-r0-n42-s3.json", "synthetic/tiny-vit/zeroshot/rrsitr-r0.4-n42-s3.json",
     ]
     assert "4 cells run (0 failed), 0 already complete" in result.output
     assert "| clip-ft " in (out / "leaderboard.md").read_text()

@@ -8,13 +8,15 @@ from rsnc_bench.backbones.base import (
     BACKBONES,
     BackboneConfig,
     DualEncoder,
+    TRAIN_HINTS,
     Features,
     WeightsNotFoundError,
+    train_hints,
 )
 
-_BUILD_NAMES = ("build_backbone", "describe_backbones", "train_hints")
+_BUILD_NAMES = ("build_backbone", "describe_backbones")
 
-__all__ = ["BACKBONES", "BackboneConfig", "DualEncoder", "Features", "WeightsNotFoundError", *_BUILD_NAMES]
+__all__ = ["BACKBONES", "TRAIN_HINTS", "BackboneConfig", "DualEncoder", "Features", "WeightsNotFoundError", "train_hints", *_BUILD_NAMES]
 
 
 def __getattr__(name: str):

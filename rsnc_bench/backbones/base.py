@@ -21,6 +21,20 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # protocol.md section 7.4
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Training budgets for the random-init CPU presets (non-paper: a pretrained model's paper learning
+# rate, 7e-6, would leave a tower trained from scratch where it started). Every value is listed in
+# the README and `run --help`, and each result records them under config.train_sources.
+TRAIN_HINTS: dict[str, dict] = {
+    "tiny-vit": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
+    "minilm": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 6},
+}
+
+
+def train_hints(name: str) -> dict:
+    """Train-config values a backbone preset needs (empty for pretrained backbones)."""
+    return dict(TRAIN_HINTS.get(name, {}))
+
+
 class WeightsNotFoundError(RsncError):
     """A weights file or folder named in the config is absent or unusable."""
 

@@ -9,19 +9,6 @@ from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder
 from rsnc_bench.registry import first_line
 
 
-# Training budgets for the random-init CPU presets: a pretrained model's paper learning rate
-# (7e-6) would leave a tower trained from scratch where it started.
-TRAIN_HINTS: dict[str, dict] = {
-    "tiny-vit": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
-    "minilm": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 6},
-}
-
-
-def train_hints(name: str) -> dict:
-    """Train-config values a backbone preset needs (empty for pretrained backbones)."""
-    return dict(TRAIN_HINTS.get(name, {}))
-
-
 def build_backbone(config: BackboneConfig) -> DualEncoder:
     """The encoder named by ``config.name``, with weights loaded and towers frozen as asked."""
     if config.name in BACKBONES:

@@ -1,0 +1,107 @@
+"""A grid's typed config: the built-in defaults, a YAML file's values, then the command line's.
+
+The CLI reads its help text's defaults from here, so ``run --help`` shows what a run does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsnc_bench.backbones.base import BackboneConfig
+from rsnc_bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A grid. The defaults are the built-in main job: the synthetic dataset, the tiny CPU
+    backbone, every registered method, noise 0.0 / 0.4 / 0.8."""
+
+    methods: tuple[str, ...] = ("*",)  # names or wildcards
+    datasets: tuple[str, ...] = ("synthetic",)
+    backbones: tuple[str, ...] = ("tiny-vit",)
+    pretrained: str | None = None  # local weights file for the backbone(s)
+    quick_gelu: bool = False
+    freeze_image: bool = False
+    freeze_text: bool = False
+    backbone_options: tuple[str, ...] = ()  # family options, name=value
+    noise: tuple[float, ...] = (0.0, 0.4, 0.8)
+    noise_protocol: str = "rrsitr"  # the field's generator (protocol.md 4.1), byte-compatible with RRSITR's files
+    noise_seeds: tuple[int, ...] = (42,)
+    seeds: tuple[int, ...] = (3,)  # training seeds (RRSITR's first; methods.md 8.14)
+    data_root: str | None = None
+    layout: str | None = None
+    dataset_options: tuple[str, ...] = ()  # name=value, for every dataset of the grid
+    train: tuple[str, ...] = ()  # TrainConfig overrides, name=value
+    method_options: tuple[str, ...] = ()  # method:name=value
+    out: str = "runs"
+    device: str = "auto"  # auto, cpu, cuda, cuda:1
+    force: bool = False
+
+    def backbone_config(self, name: str) -> BackboneConfig:
+        return BackboneConfig(name, self.pretrained, self.quick_gelu, self.freeze_image, self.freeze_text, self.backbone_options)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GridConfig)}
+
+
+def _as_assignments(name: str, value: dict) -> list[str]:
+    """``{epochs: 3}`` -> ["epochs=3"]; method options nest one level: ``{clip-ft: {logit_scale: 10}}``."""
+    if name != "method_options":
+        return [f"{k}={v}" for k, v in value.items()]
+    out = []
+    for method, options in value.items():
+        if not isinstance(options, dict):
+            raise ConfigError(f"method_options.{method} must be a mapping such as {{logit_scale: 10}}")
+        out += [f"{method}:{k}={v}" for k, v in options.items()]
+    return out
+
+
+def _coerce(name: str, value: Any, where: str):
+    """A YAML or CLI value for field ``name``; lists may also be comma-separated strings."""
+    kind = typing.get_type_hints(GridConfig)[name]
+    if typing.get_origin(kind) is not tuple:
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false")
+        return value if kind is bool else str(value)
+    item = typing.get_args(kind)[0]
+    if isinstance(value, dict):
+        value = _as_assignments(name, value)
+    elif isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return tuple(item(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be a list of {item.__name__} values, e.g. {name}: [0.2, 0.6]") from None
+
+
+def load_grid(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GridConfig:
+    """The defaults, then the YAML file's values, then the command line's (those not None)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"grid file {path} not found; give --config a YAML file such as benchmarks/grids/rsicd-subset.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            raise ConfigError(f"{path}{'' if line is None else f', line {line + 1}'}: not valid YAML; check indentation and colons") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a grid file is a mapping of keys such as methods:, datasets:, noise:")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
+            values[name] = _coerce(name, value, str(path))
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "command line")
+    return GridConfig(**values)
