@@ -69,6 +69,11 @@ def test_clip_ft_learns_and_records_everything(tmp_path, synthetic_root):
     assert zeroshot["selected_epoch"] == 0 and zeroshot["timings"]["train_seconds"] == 0
     assert doc["timings"]["samples_per_second"] > 0 and doc["environment"]["packages"]["torch"]
     assert doc["config"]["train"]["epochs"] == 4 and doc["noise"]["manifest_hash"]
+    sources = doc["config"]["train_sources"]  # which layer set each budget value
+    assert sources["preset_hints"] == {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5}
+    assert sources["user"] == {"epochs": 4, "batch_size": 16} and sources["method_defaults"]["lr"] == 7e-6
+    assert doc["config"]["dataset"]["val"]["source"] == "native" and doc["config"]["dataset"]["val"]["images_sha256"]
+    assert doc["timings"]["precision"] == "fp32" and doc["timings"]["eval_precision"] == "fp32"
     assert not ResultStore(tmp_path).checkpoint_dir(spec(synthetic_root).key).exists()  # cleaned up
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rsnc_bench.backbones import DualEncoder
 from rsnc_bench.data.images import SplitImages
@@ -17,55 +16,116 @@ from rsnc_bench.methods import Batch
 
 @dataclass
 class SplitTensors:
-    """A split ready for the model: uint8 images [N_img, 3, S, S], token ids [N_rows, L], and
-    the image of each caption row."""
+    """A split ready for the model: uint8 images [N_img, 3, H, W], token ids [N_rows, L], and
+    the image of each caption row. Evaluation splits hold images at the model size; a training
+    split holds them at native resolution on a common canvas, with each image's true
+    (height, width) in ``sizes`` [N_img, 2]."""
 
     images: torch.Tensor
     text: torch.Tensor
     img_of: torch.Tensor
+    sizes: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
         return len(self.text)
 
 
-def split_tensors(split: Split, backbone: DualEncoder, cache_dir: Path | None = None) -> SplitTensors:
-    images = SplitImages(split, backbone.image_size, cache_dir=cache_dir).stacked()
+def split_tensors(split: Split, backbone: DualEncoder, cache_dir: Path | None = None, native: bool = False) -> SplitTensors:
+    """``native``: keep the images' own resolution (a training split, cropped per batch by Preprocess)."""
+    loader = SplitImages(split, None if native else backbone.image_size, cache_dir=cache_dir)
     text = backbone.tokenize(list(split.captions))
-    return SplitTensors(images, text, torch.tensor(np.asarray(split.img_of), dtype=torch.long))
+    sizes = torch.from_numpy(loader.sizes()) if native else None
+    return SplitTensors(loader.stacked(), text, torch.tensor(np.asarray(split.img_of), dtype=torch.long), sizes)
+
+
+def bicubic_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:
+    """[B, out_size, in_size] resampling matrices that take pixels [start, start + length) of an
+    axis of ``in_size`` pixels to ``out_size`` pixels: PIL's antialiased bicubic resize (a = -0.5,
+    support 2, widened by the scale factor when shrinking, weights normalised per output pixel
+    over the crop; Pillow's ImagingResample), applied to a crop without cutting it out."""
+    start, length = start.double().view(-1, 1, 1), length.double().view(-1, 1, 1)
+    scale = length / out_size
+    widen = scale.clamp_min(1.0)
+    centre = start + (torch.arange(out_size, dtype=torch.float64, device=start.device).view(1, -1, 1) + 0.5) * scale
+    pixel = torch.arange(in_size, dtype=torch.float64, device=start.device).view(1, 1, -1)
+    x = ((pixel + 0.5 - centre) / widen).abs()
+    a = -0.5  # Keys' cubic with PIL's a; torch's non-antialiased bicubic uses -0.75
+    w = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, torch.zeros_like(x)))
+    w = w * ((pixel >= start) & (pixel < start + length))
+    return (w / w.sum(-1, keepdim=True)).float()
 
 
 class Preprocess:
-    """uint8 -> normalised float, with the shared pipeline's training augmentation
-    (methods.md 2.6): RandomResizedCrop at scale 0.9-1.0, bicubic, no flip."""
+    """uint8 -> normalised float. Training batches (native images with their sizes) get the shared
+    pipeline's augmentation (methods.md 2.6): torchvision's RandomResizedCrop at scale 0.9-1.0,
+    ratio 3/4-4/3, bicubic, no flip; with ``augment`` off, the evaluation transform (shorter-side
+    resize and centre crop). Crops are drawn on the CPU from ``generator`` (the same crops on
+    every device) and resampled on the batch's device in one batched pass, without a per-image loop.
+    """
 
-    def __init__(self, backbone: DualEncoder, augment: bool, generator: torch.Generator | None = None):
+    ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
+
+    def __init__(self, backbone: DualEncoder, augment: bool, generator: torch.Generator | None = None,
+                 scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.size = backbone.image_size
         self.mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(backbone.std).view(1, 3, 1, 1)
         self.augment, self.generator = augment, generator
+        self.scale, self.ratio = scale, ratio
 
-    def __call__(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, device: torch.device, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """``sizes`` [B, 2]: the images are native-resolution training images to crop and resize;
+        None: they are already at the model size (evaluation)."""
         x = images.to(device, non_blocking=True).float().div_(255)
-        if self.augment:
-            x = self._random_resized_crop(x)
+        if sizes is not None:
+            top, left, height, width = self.crop_boxes(sizes) if self.augment else self.centre_boxes(sizes)
+            x = self.resized_crop(x, top.to(device), left.to(device), height.to(device), width.to(device))
         return (x - self.mean.to(device)) / self.std.to(device)
 
-    def _random_resized_crop(self, x: torch.Tensor, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-        # torchvision's RandomResizedCrop area/ratio sampling, drawn from our own generator
-        n, _, h, w = x.shape
-        area = torch.empty(n).uniform_(*scale, generator=self.generator) * h * w
-        log_ratio = torch.empty(n).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=self.generator)
-        aspect = torch.exp(log_ratio)
-        cw = torch.sqrt(area * aspect).round().clamp(1, w).long()
-        ch = torch.sqrt(area / aspect).round().clamp(1, h).long()
-        top = (torch.rand(n, generator=self.generator) * (h - ch + 1)).long()
-        left = (torch.rand(n, generator=self.generator) * (w - cw + 1)).long()
-        out = [
-            F.interpolate(x[i: i + 1, :, t: t + c_h, l: l + c_w], size=(self.size, self.size), mode="bicubic", align_corners=False)
-            for i, (t, l, c_h, c_w) in enumerate(zip(top.tolist(), left.tolist(), ch.tolist(), cw.tolist()))
-        ]
-        return torch.cat(out).clamp_(0, 1)
+    def crop_boxes(self, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(top, left, height, width), each [B] long: torchvision's RandomResizedCrop.get_params for a
+        batch. Ten attempts of area in ``scale`` and log-uniform aspect in ``ratio``; the first whose
+        box fits the image is placed uniformly; with none, the centre crop of the whole image with
+        its aspect clamped to ``ratio``."""
+        n, k = len(sizes), self.ATTEMPTS
+        img_h, img_w = sizes[:, 0:1].double(), sizes[:, 1:2].double()
+        area = img_h * img_w * torch.empty(n, k, dtype=torch.float64).uniform_(*self.scale, generator=self.generator)
+        log_lo, log_hi = np.log(self.ratio[0]), np.log(self.ratio[1])
+        aspect = torch.exp(torch.empty(n, k, dtype=torch.float64).uniform_(log_lo, log_hi, generator=self.generator))
+        w = torch.sqrt(area * aspect).round()
+        h = torch.sqrt(area / aspect).round()
+        fits = (w > 0) & (w <= img_w) & (h > 0) & (h <= img_h)
+        u_top, u_left = (torch.rand(n, k, 2, dtype=torch.float64, generator=self.generator)).unbind(-1)
+        first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((n,), -1)).long()
+        pick = first.clamp_min(0).unsqueeze(1)
+        h, w = h.gather(1, pick).squeeze(1), w.gather(1, pick).squeeze(1)
+        top = (u_top.gather(1, pick).squeeze(1) * (img_h.squeeze(1) - h + 1)).floor()
+        left = (u_left.gather(1, pick).squeeze(1) * (img_w.squeeze(1) - w + 1)).floor()
+        fallback = first < 0
+        if fallback.any():
+            ft, fl, fh, fw = self._fallback(sizes[fallback])
+            top[fallback], left[fallback], h[fallback], w[fallback] = ft, fl, fh, fw
+        return top.long(), left.long(), h.long(), w.long()
+
+    def _fallback(self, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """torchvision's fallback: the whole image, its aspect clamped to ``ratio``, centred."""
+        img_h, img_w = sizes[:, 0].double(), sizes[:, 1].double()
+        aspect = img_w / img_h
+        w = torch.where(aspect > self.ratio[1], (img_h * self.ratio[1]).round(), img_w)
+        h = torch.where(aspect < self.ratio[0], (w / self.ratio[0]).round(), img_h)
+        return ((img_h - h) // 2), ((img_w - w) // 2), h, w
+
+    def centre_boxes(self, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The evaluation transform as a box: the centred square of the shorter side."""
+        side = sizes.min(1).values
+        return (sizes[:, 0] - side) // 2, (sizes[:, 1] - side) // 2, side, side
+
+    def resized_crop(self, x: torch.Tensor, top, left, height, width) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, 3, S, S]: each image's box resized with antialiased bicubic weights."""
+        rows = bicubic_weights(top, height, self.size, x.shape[-2]).to(x.device)
+        cols = bicubic_weights(left, width, self.size, x.shape[-1]).to(x.device)
+        return (rows.unsqueeze(1) @ x @ cols.unsqueeze(1).transpose(-1, -2)).clamp_(0, 1)
 
 
 def train_batches(data: SplitTensors, rows: np.ndarray, batch_size: int, generator: torch.Generator):
@@ -78,8 +138,9 @@ def train_batches(data: SplitTensors, rows: np.ndarray, batch_size: int, generat
 
 
 def make_batch(data: SplitTensors, rows: torch.Tensor, image_ids: torch.Tensor, preprocess: Preprocess, device: torch.device) -> Batch:
+    sizes = None if data.sizes is None else data.sizes[image_ids]
     return Batch(
-        images=preprocess(data.images[image_ids], device),
+        images=preprocess(data.images[image_ids], device, sizes),
         text=data.text[rows].to(device, non_blocking=True),
         rows=rows.to(device),
         image_ids=image_ids.to(device),

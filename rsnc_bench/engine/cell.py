@@ -21,7 +21,7 @@ from rsnc_bench.data.datasets import DATASETS, get_dataset
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
-from rsnc_bench.engine.evaluate import evaluate
+from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import RsncError
@@ -48,11 +48,17 @@ def method_config(spec: CellSpec):
     return cls, cls.config_type(**parse_assignments(cls.config_type, list(spec.method_options)))
 
 
+def train_sources(spec: CellSpec) -> dict[str, dict]:
+    """The layers of the training budget, lowest priority first: the method's paper budget, the
+    backbone preset's hints, the user's options (the harness defaults sit under all three)."""
+    return {"method_defaults": dict(METHODS.get(spec.key.method).train_defaults),
+            "preset_hints": train_hints(spec.backbone.name),
+            "user": parse_assignments(TrainConfig, list(spec.train_options))}
+
+
 def train_config(spec: CellSpec) -> TrainConfig:
     """Harness defaults < the method's paper budget < the backbone preset's hints < the user."""
-    cls = METHODS.get(spec.key.method)
-    values = {**cls.train_defaults, **train_hints(spec.backbone.name), **parse_assignments(TrainConfig, list(spec.train_options))}
-    return TrainConfig(**values)
+    return TrainConfig(**{k: v for layer in train_sources(spec).values() for k, v in layer.items()})
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,9 +118,10 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
     train_split = manifest.apply(data["train"])
     doc["config"] = {
-        "method": {"name": key.method, **asdict(mconfig)}, "train": asdict(tconfig), "backbone": asdict(spec.backbone),
+        "method": {"name": key.method, **asdict(mconfig)}, "train": asdict(tconfig), "train_sources": train_sources(spec),
+        "backbone": asdict(spec.backbone),
         "dataset": {"name": key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
-                    "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}},
+                    "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}, "val": data.val_provenance},
     }
     doc["noise"] = {"manifest": str(manifest_path), "manifest_hash": manifest.content_hash, "realized_rate": manifest.realized_rate,
                     "n_noisy": manifest.n_noisy, "n_rows": manifest.n_rows}
@@ -125,7 +132,8 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     np.random.seed(key.train_seed)
     method: Method = method_cls(build_backbone(spec.backbone), mconfig)
     cache = store.root / "cache" / label
-    train, val, test = (split_tensors(s, method.backbone, cache) for s in (train_split, data["val"], data["test"]))
+    train = split_tensors(train_split, method.backbone, cache, native=True)  # crops come from the original images
+    val, test = (split_tensors(s, method.backbone, cache) for s in (data["val"], data["test"]))
     rows = np.arange(train.n_rows)
     if method_cls.uses_clean_labels:
         keep = method.select_train_rows(manifest.clean)
@@ -145,10 +153,10 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection)
     outcome = trainer.fit()
     eval_started = time.perf_counter()
-    last = evaluate(method, test, trainer.device, tconfig.eval_chunk, trainer.autocast)
+    last = evaluate(method, test, trainer.device, tconfig.eval_chunk)
     if outcome.selected_epoch != outcome.history[-1]["epoch"]:
         trainer.load_selected()
-        selected = evaluate(method, test, trainer.device, tconfig.eval_chunk, trainer.autocast)
+        selected = evaluate(method, test, trainer.device, tconfig.eval_chunk)
     else:
         selected = last
     scores = method.pair_scores()  # the selected epoch's state in both branches
@@ -163,5 +171,5 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         doc.update(test_rerank=selected["rerank"].as_dict(), rerank_tag=method.rerank_tag)
     doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
                           samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
-                          precision=outcome.precision)
+                          precision=outcome.precision, eval_precision=EVAL_PRECISION)
     trainer.clear_resume_state()

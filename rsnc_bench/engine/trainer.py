@@ -36,7 +36,7 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.7
     grad_clip: float = 50.0
-    precision: str = "auto"  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: fp16 autocast + GradScaler on CUDA (the reference code's AMP), fp32 on CPU
     device: str = "auto"  # auto: cuda when available
     augment: bool = True  # RandomResizedCrop 0.9-1.0, no flip (methods.md 2.6)
     eval_chunk: int = 1024
@@ -78,7 +78,7 @@ def autocast_for(device: torch.device, precision: str) -> tuple[Callable, str]:
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext, "fp32"
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "fp16"  # the papers' AMP: fp16 autocast with a GradScaler; bf16 is an option
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), precision
 
@@ -152,7 +152,7 @@ class Trainer:
             seconds = time.perf_counter() - started
             state["train_seconds"] += seconds
             state["samples"] += steps * cfg.batch_size
-            val = evaluate(self.method, self.val, self.device, cfg.eval_chunk, self.autocast)["plain"]
+            val = evaluate(self.method, self.val, self.device, cfg.eval_chunk)["plain"]
             entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict(), "logs": _mean_logs(logs)}
             self.on_epoch(self.method, entry)
             state["history"].append(entry)
@@ -183,7 +183,7 @@ class Trainer:
 
     # --- internals ----------------------------------------------------------------------
     def _evaluate_only(self) -> TrainOutcome:
-        val = evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.autocast)["plain"]
+        val = evaluate(self.method, self.val, self.device, self.config.eval_chunk)["plain"]
         entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
         self.on_epoch(self.method, entry)
         return TrainOutcome([entry], 0, 0.0, 0, self.precision)
