@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
-from methods.keywords import KerHead, ker_loss, keyword_vocabulary, mask_keywords
+from methods.keywords import KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
 from methods.sar import sar_rerank
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 
 EBA_MODES = ("split", "joint")
 BANK_INITS = ("empty", "normal")
+EMPTY_MASKS = ("skip", "keep_best")
 PAPER_BANK_SIZE = 200_000
 
 
@@ -48,10 +49,14 @@ class EbakerConfig(ClipPipelineConfig):
     bank_size: int = 0  # 0: one epoch of training pairs; the papers use 200000
     bank_init: str = "empty"  # "normal": start full of N(0, 1) entries, as the papers' code
     noise_estimate: float = 0.0  # NON-PAPER variant: when > 0, drop_ratio is this estimate of the noise rate
+    # A batch whose every pair is eliminated: EBAKER's code has no fallback (a mean over zero rows,
+    # which AMP skips); "skip" drops the batch's alignment loss. iEBAKER keeps the best pair.
+    empty_mask: str = "skip"
     ker_weight: float = 0.5  # 0 turns KER off (needed for backbones without open_clip's CLIP tokenizer)
     keywords: int = 512  # size of the keyword vocabulary built from the training captions
+    keyword_source: str = "content"  # content words, as the released lists; "frequency": NON-PAPER raw counts
     ker_faithful_offset: bool = False  # True: the original code's word-index-as-token-index masking
-    ker_heads: int = 8
+    ker_heads: int = 0  # 0: width // 64, the reference's rule (8 at 512)
     ker_layers: int = 2
     sar: bool = False  # evaluation-time SAR re-rank (reconstructed), reported as <method>+sar
     sar_k: int = 10
@@ -61,6 +66,10 @@ class EbakerConfig(ClipPipelineConfig):
             raise ConfigError(f"eba={self.eba!r}; choose one of {', '.join(EBA_MODES)}")
         if self.bank_init not in BANK_INITS:
             raise ConfigError(f"bank_init={self.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
+        if self.keyword_source not in KEYWORD_SOURCES:
+            raise ConfigError(f"keyword_source={self.keyword_source!r}; choose one of {', '.join(KEYWORD_SOURCES)}")
+        if self.empty_mask not in EMPTY_MASKS:
+            raise ConfigError(f"empty_mask={self.empty_mask!r}; choose one of {', '.join(EMPTY_MASKS)}")
         if not 0 <= self.drop_ratio < 1 or not 0 <= self.noise_estimate < 1:
             raise ConfigError("drop_ratio and noise_estimate must lie in [0, 1)")
         if self.bank_size < 0 or self.sar_k < 1:
@@ -107,19 +116,23 @@ class SimilarityBank:
         return bank
 
 
-def keep_anchors(positive: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """Pairs above the threshold stay anchors; if none does, the highest-scoring one is kept."""
+def keep_anchors(positive: torch.Tensor, threshold: float | None, keep_best: bool = True) -> torch.Tensor:
+    """Pairs above the threshold stay anchors; if none does and ``keep_best`` (iEBAKER's code), the
+    highest-scoring one is kept, else (EBAKER's code) none is."""
     if threshold is None:
         return torch.ones_like(positive, dtype=torch.bool)
     keep = positive > threshold
-    if not keep.any():
+    if keep_best and not keep.any():
         keep[positive.argmax()] = True
     return keep
 
 
 def anchored_ce(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean CE of the kept rows against their own column; every column stays a candidate, so an
-    eliminated pair still serves as a negative for the others."""
+    eliminated pair still serves as a negative for the others. No kept row: a zero that keeps the
+    graph (the reference's mean over zero rows is NaN, a step AMP's scaler skips)."""
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
     target = torch.arange(len(logits), device=logits.device)
     return F.cross_entropy(logits[keep], target[keep])
 
@@ -162,7 +175,7 @@ class Ebaker(ClipPipeline):
         if self.ker is None:
             return
         tokenizer = getattr(self.backbone, "tokenizer", None)
-        self.keywords = keyword_vocabulary(captions, self.config.keywords)
+        self.keywords = keyword_vocabulary(captions, self.config.keywords, self.config.keyword_source)
         ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
         device = next(self.parameters()).device
         self.ker_ids, self.ker_labels = ids.to(device), labels.to(device)
@@ -198,8 +211,9 @@ class Ebaker(ClipPipeline):
         positive = {"global": s_global.diagonal().detach(), "local": s_local.diagonal().detach()}
         for name, bank in self.banks.items():
             bank.push(positive[name])
-        keep_global = keep_anchors(positive["global"], self.thresholds["global"] if self.eliminating else None)
-        keep_local = keep_anchors(positive["local"], self.thresholds["local"] if self.eliminating else None) if self.split else keep_global
+        keep_best = cfg.empty_mask == "keep_best"
+        keep_global = keep_anchors(positive["global"], self.thresholds["global"] if self.eliminating else None, keep_best)
+        keep_local = keep_anchors(positive["local"], self.thresholds["local"] if self.eliminating else None, keep_best) if self.split else keep_global
         loss = eba_loss(s_global, s_local, keep_global, keep_local, cfg.logit_scale)
         logs = {"eliminated": 1 - keep_global.float().mean().item(), "bank_real": self.banks["global"].real / len(self.banks["global"].values)}
         if self.split:
@@ -252,6 +266,7 @@ class Ebaker(ClipPipeline):
 @dataclass(frozen=True)
 class IebakerConfig(EbakerConfig):
     eba: str = "split"  # iEBAKER: separate global and local masks
+    empty_mask: str = "keep_best"  # iEBAKER's code keeps the highest-scoring pair when none survives
 
 
 @METHODS.register("iebaker")

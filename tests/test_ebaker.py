@@ -50,8 +50,24 @@ def test_the_papers_random_bank_is_a_no_op_on_one_dataset():
     assert keep_anchors(torch.tensor([0.05, 0.3]), bank.threshold(0.01)).all()
 
 
-def test_empty_mask_keeps_the_best_pair():
+def test_empty_mask_keeps_the_best_pair_only_when_asked():
     assert keep_anchors(torch.tensor([0.1, 0.4, 0.2]), 0.5).tolist() == [False, True, False]
+    assert keep_anchors(torch.tensor([0.1, 0.4, 0.2]), 0.5, keep_best=False).tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("method, kept", [("ebaker", 0), ("iebaker", 1)])
+def test_the_empty_mask_fallback_is_iebakers_only(method, kept):
+    """iEBAKER's code keeps the best pair when none survives; EBAKER's has no fallback, and its
+    batch then contributes no alignment loss (not a NaN that would stop the run)."""
+    cls = METHODS.get(method)
+    assert cls.config_type().empty_mask == ("keep_best" if kept else "skip")
+    m = cls(TokenBackbone(), cls.config_type(ker_weight=0, drop_epoch=0)).train()
+    m.start_epoch(ctx(1))
+    m.thresholds = {"global": 1e9, "local": 1e9}  # above every positive: nothing survives
+    out = m.training_loss(token_batch(list(range(10))))
+    assert torch.isfinite(out.loss) and out.logs["eliminated"] == pytest.approx(1 - kept / 10)
+    assert (out.loss.item() == 0) == (kept == 0)
+    out.loss.backward()  # the graph survives an empty mask
 
 
 def test_eliminated_pairs_stay_negatives():

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.keywords import MASK_ID, KerHead, head_count, ker_loss, keyword_vocabulary, mask_keywords, mlm_loss
+from methods.keywords import (
+    MASK_ID, KerHead, QuickGELU, head_count, ker_loss, keyword_statistics, keyword_vocabulary, mask_keywords, mlm_loss,
+)
 from rsnc_bench.errors import ConfigError
 
 open_clip = pytest.importorskip("open_clip")
@@ -40,12 +42,30 @@ def ids_of(tok, word: str) -> list[int]:
 
 def test_keyword_vocabulary_counts_and_tie_order():
     captions = ["The plane, the AIRPORT.", "a plane near the airport", "b2b zebra; apple"]
-    # the 3; airport, b ("b2b": digits split words), plane 2 each; then the count-1 words alphabetically
-    assert keyword_vocabulary(captions) == ["the", "airport", "b", "plane", "a", "apple", "near", "zebra"]
-    assert keyword_vocabulary(captions, size=3) == ["the", "airport", "b"]
+    # raw counts: the 3; airport, b ("b2b": digits split words), plane 2 each; then the count-1 words alphabetically
+    assert keyword_vocabulary(captions, source="frequency") == ["the", "airport", "b", "plane", "a", "apple", "near", "zebra"]
+    assert keyword_vocabulary(captions, size=3, source="frequency") == ["the", "airport", "b"]
+    # content (default): the function words "the" and "a" go, the relation word "near" stays
+    assert keyword_vocabulary(captions) == ["airport", "b", "plane", "apple", "near", "zebra"]
     assert keyword_vocabulary(iter(captions), size=0) == []
     with pytest.raises(ConfigError):
         keyword_vocabulary(captions, size=-1)
+    with pytest.raises(ConfigError, match="keyword source"):
+        keyword_vocabulary(captions, source="tfidf")
+
+
+def test_content_vocabulary_has_the_released_lists_statistics_on_real_rsicd(rsicd_subset):
+    """The released iEBAKER lists are content words: on these captions they mask 56.8 % of words,
+    6.8 % of the masked ones function (relation) words; a raw top-512 list masks 98 %, 46 % function words."""
+    images = json.loads((rsicd_subset / "dataset_rsicd.json").read_text())["images"]
+    train = [s["raw"] for image in images if image["split"] == "train" for s in image["sentences"]]
+    vocab = keyword_vocabulary(train, 512)
+    masked, function = keyword_statistics(train, vocab)
+    assert 0.50 < masked < 0.62 and function < 0.08
+    assert not {"a", "the", "is", "of", "in", "and", "are"} & set(vocab)
+    assert {"near", "beside", "next"} <= set(vocab) and vocab[:3] == ["green", "many", "trees"]
+    raw_masked, raw_function = keyword_statistics(train, keyword_vocabulary(train, 512, "frequency"))
+    assert raw_masked > 0.9 and raw_function > 0.4
 
 
 # ----------------------------------------------------------------------------- corrected masking
@@ -169,7 +189,7 @@ def test_ker_head_shape_and_gradients():
     torch.manual_seed(0)
     head = KerHead(dim=20, vocab_size=50, heads=8)
     assert head.heads == 5 and head.cross_attn.num_heads == 5
-    assert all(block.self_attn.num_heads == 5 for block in head.blocks) and len(head.blocks) == 2
+    assert all(block.attn.num_heads == 5 for block in head.blocks) and len(head.blocks) == 2
     text = torch.randn(3, 7, 20, requires_grad=True)
     image = torch.randn(3, 11, 20, requires_grad=True)
     logits = head(text, image)
@@ -181,9 +201,40 @@ def test_ker_head_shape_and_gradients():
 
 def test_ker_head_defaults_and_init():
     head = KerHead(dim=24)
-    assert head.mlm[-1].out_features == 49408 and head.heads == 8
+    assert head.mlm.fc.out_features == 49408 and head.heads == 1  # width // 64, at least 1
+    assert KerHead(dim=512, vocab_size=10).heads == 8  # the reference's 8 heads at 512
     assert head.cross_attn.in_proj_bias.abs().sum() == 0
-    assert all(block.linear1.bias.abs().sum() == 0 for block in head.blocks)
+
+
+def test_ker_head_has_the_reference_structure():
+    """No residual around the cross-attention: with the attention's output projection zeroed, the
+    text tokens no longer reach the logits; QuickGELU in every MLP."""
+    torch.manual_seed(0)
+    head = KerHead(dim=16, vocab_size=30, heads=2)
+    assert [type(block.mlp.gelu) for block in head.blocks] == [QuickGELU, QuickGELU] and type(head.mlm.gelu) is QuickGELU
+    with torch.no_grad():
+        head.cross_attn.out_proj.weight.zero_()
+        head.cross_attn.out_proj.bias.zero_()
+    text_a, text_b, image = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    torch.testing.assert_close(head(text_a, image), head(text_b, image))
+
+
+def test_ker_head_initial_standard_deviations_match_the_reference():
+    torch.manual_seed(0)
+    width, layers = 512, 2
+    head = KerHead(dim=width, vocab_size=4096, layers=layers)
+    attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    expected = {
+        "cross_attn.in_proj_weight": attn_std, "cross_attn.out_proj.weight": proj_std,
+        "blocks.0.attn.in_proj_weight": attn_std, "blocks.1.attn.out_proj.weight": proj_std,
+        "blocks.0.mlp.c_fc.weight": fc_std, "blocks.1.mlp.c_proj.weight": proj_std,
+        "mlm.dense.weight": fc_std, "mlm.fc.weight": proj_std,
+    }
+    params = dict(head.named_parameters())
+    for name, std in expected.items():
+        assert params[name].std().item() == pytest.approx(std, rel=0.03), name
+    bound = width**-0.5  # Linear biases keep PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert 0 < params["mlm.dense.bias"].abs().max() <= bound
 
 
 def test_mlm_loss_matches_cross_entropy_on_labelled_positions():
