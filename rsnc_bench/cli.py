@@ -12,11 +12,11 @@ from typing import List, Optional
 import typer
 
 from rsnc_bench import __version__
+from rsnc_bench.backbones import TRAIN_HINTS
 from rsnc_bench.config import parse_assignments, parse_floats
 from rsnc_bench.data import DATASETS, Dataset, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
-from rsnc_bench.backbones import TRAIN_HINTS
 from rsnc_bench.errors import RsncError
 from rsnc_bench.grid_config import GridConfig, load_grid
 from rsnc_bench.methods import METHODS

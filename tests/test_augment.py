@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
+from rsnc_bench.data import load_dataset
 from rsnc_bench.engine.batches import Preprocess, split_tensors
 from rsnc_bench.engine.evaluate import encode_split, score_blocks
 from rsnc_bench.methods import METHODS
@@ -78,12 +79,13 @@ def test_resized_crop_matches_pil_crop_then_bicubic_resize():
         assert np.abs(ours - pil).mean() < 0.6 and np.abs(ours - pil).max() < 4, (top, left, h, w)
 
 
-def test_training_images_keep_their_native_resolution(synthetic):
-    backbone = build_backbone(BackboneConfig("tiny-vit"))
-    train = split_tensors(synthetic["train"], backbone, native=True)
-    val = split_tensors(synthetic["val"], backbone)
-    assert train.images.shape[-2:] == (48, 48) == tuple(train.sizes[0].tolist())  # the tiny fixture draws at 48 px
-    assert val.images.shape[-2:] == (backbone.image_size,) * 2 and val.sizes is None
+def test_training_images_keep_their_native_resolution(tmp_path):
+    backbone = build_backbone(BackboneConfig("tiny-vit"))  # 48 px model
+    data = load_dataset("synthetic", tmp_path, options=dict(n_train=8, n_val=4, n_test=4, image_size=64))
+    train = split_tensors(data["train"], backbone, native=True)
+    val = split_tensors(data["val"], backbone)
+    assert train.images.shape[-2:] == (64, 64) and (train.sizes == 64).all()  # the drawn size, not the model's
+    assert val.images.shape[-2:] == (backbone.image_size,) * 2 == (48, 48) and val.sizes is None
     batch = Preprocess(backbone, augment=True, generator=torch.Generator().manual_seed(0))(train.images[:5], torch.device("cpu"), train.sizes[:5])
     assert batch.shape == (5, 3, backbone.image_size, backbone.image_size)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import rsnc_bench.data.images as images_module
 from rsnc_bench.data.images import SplitImages, load_image
+from rsnc_bench.data.split import build_split
 from rsnc_bench.errors import ImageReadError
 
 
@@ -49,3 +51,20 @@ def test_cache_is_built_once_and_reused_without_decoding(synthetic, tmp_path, mo
     assert (again[3] == expected).all()
     with pytest.raises(AssertionError, match="decoded although cached"):
         SplitImages(split, 32, cache_dir=tmp_path)  # another size is another cache file
+
+
+def test_native_images_share_a_padded_canvas_and_keep_their_sizes(tmp_path):
+    """Training splits keep each image's own resolution; images of other sizes sit top-left on the
+    split's largest canvas, their true sizes alongside (the crop never reaches the padding)."""
+    (tmp_path / "a.png").parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((30, 20, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((24, 32, 3), 100, dtype=np.uint8)).save(tmp_path / "b.png")
+    split = build_split("train", tmp_path, ["a.png", "b.png"], ["x", "y"], ["", ""], lambda name: "")
+    images = SplitImages(split, None)
+    assert images.sizes().tolist() == [[30, 20], [24, 32]]
+    stacked = images.stacked()
+    assert stacked.shape == (2, 3, 30, 32)
+    assert (stacked[0, :, :30, :20] == 200).all() and (stacked[0, :, :, 20:] == 0).all()
+    assert (stacked[1, :, :24, :32] == 100).all() and (stacked[1, :, 24:, :] == 0).all()
+    cached = SplitImages(split, None, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("train-native-*.npy"))) == 1 and torch.equal(cached.stacked(), stacked)

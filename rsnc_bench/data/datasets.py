@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 from rsnc_bench.data.formats import READERS, Layout
-from rsnc_bench.data.split import Dataset, build_split
-from rsnc_bench.data.val_carve import DEFAULT_VAL_FRACTION, DEFAULT_VAL_SEED, carve_val, val_provenance
+from rsnc_bench.data.split import Dataset, build_split, val_provenance
+from rsnc_bench.data.val_carve import DEFAULT_VAL_FRACTION, DEFAULT_VAL_SEED, carve_val
 from rsnc_bench.errors import ConfigError, DatasetNotFoundError
 from rsnc_bench.registry import Registry
 

@@ -77,14 +77,11 @@ class SplitImages:
             self._array = self._cached(Path(cache_dir))
 
     def sizes(self) -> np.ndarray:
-        """[N, 2] int64 (height, width) of each image as stored (native, or size x size)."""
+        """[N, 2] int64 native (height, width) of each image, read from the file headers once."""
         if self._sizes is None:
-            if self.size is not None:
-                self._sizes = np.full((self.split.n_images, 2), self.size, dtype=np.int64)
-            else:
-                paths = [self.split.image_path(i) for i in range(self.split.n_images)]
-                with ThreadPoolExecutor(self.workers) as pool:
-                    self._sizes = np.array(list(pool.map(image_size, paths)), dtype=np.int64).reshape(-1, 2)
+            paths = [self.split.image_path(i) for i in range(self.split.n_images)]
+            with ThreadPoolExecutor(self.workers) as pool:
+                self._sizes = np.array(list(pool.map(image_size, paths)), dtype=np.int64).reshape(-1, 2)
         return self._sizes
 
     def _canvas(self) -> tuple[int, int]:

@@ -84,6 +84,18 @@ class Split:
         )
 
 
+def val_provenance(val: Split, carved: bool, fraction: float, seed: int) -> dict:
+    """Where val came from, recorded in every result: native or carved (with the carve's fraction
+    and seed), its size and a sha256 of its sorted image names (two results with the same hash
+    selected their epoch on the same images)."""
+    names = "\n".join(sorted(val.images)).encode()
+    out = {"source": "carved" if carved else "native", "n_images": val.n_images, "n_rows": val.n_rows,
+           "images_sha256": hashlib.sha256(names).hexdigest()}
+    if carved:
+        out.update(fraction=fraction, seed=seed)
+    return out
+
+
 def describe_val(provenance: dict) -> str:
     """One line for summaries and reports."""
     if provenance["source"] == "carved":
@@ -100,7 +112,7 @@ class Dataset:
     layout: str
     root: Path
     splits: dict[str, Split]
-    val_provenance: dict | None  # native or carved, fraction, seed, image-list hash (val_carve.val_provenance)
+    val_provenance: dict | None  # native or carved, fraction, seed, image-list hash (see val_provenance)
 
     @property
     def val_source(self) -> str:

@@ -20,18 +20,6 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_VAL_SEED = 0
 
 
-def val_provenance(val: Split, carved: bool, fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_VAL_SEED) -> dict:
-    """Where val came from, recorded in every result: native or carved (with the carve's fraction
-    and seed), its size and a sha256 of its sorted image names (two results with the same hash
-    selected their epoch on the same images)."""
-    names = "\n".join(sorted(val.images)).encode()
-    out = {"source": "carved" if carved else "native", "n_images": val.n_images, "n_rows": val.n_rows,
-           "images_sha256": hashlib.sha256(names).hexdigest()}
-    if carved:
-        out.update(fraction=fraction, seed=seed)
-    return out
-
-
 def carve_val(train: Split, fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_VAL_SEED) -> tuple[Split, Split]:
     """Split ``train`` into (remaining train, val) by image; e.g. 1,966 -> 1,769 + 197 images."""
     if not 0.0 < fraction < 1.0:

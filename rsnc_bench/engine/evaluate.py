@@ -14,6 +14,8 @@ from rsnc_bench.engine.batches import Preprocess, SplitTensors
 from rsnc_bench.engine.retrieval import Reranked, RetrievalMetrics, grouped_recall, grouped_recall_reranked
 from rsnc_bench.methods import Method
 
+EVAL_PRECISION = "fp32"
+
 
 def _concat(parts: list[Features]) -> Features:
     def cat(name):
@@ -21,9 +23,6 @@ def _concat(parts: list[Features]) -> Features:
         return None if values[0] is None else torch.cat(values)
 
     return Features(cat("embedding"), cat("tokens"), cat("mask"))
-
-
-EVAL_PRECISION = "fp32"
 
 
 def full_precision(device: torch.device):
