@@ -258,6 +258,28 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command("pretrain")
+@user_errors
+def pretrain_command(
+    name: str = typer.Argument("tiny-clip", help="Preset to build (see `list backbones`)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a verified checkpoint is cached."),
+):
+    """Build, or verify, the built-in pretrained backbone's checkpoint (offline, a few minutes on a CPU).
+
+    It is kept in $RSNC_BENCH_CACHE/pretrained/<name> (default ~/.cache/rsnc-bench) and reused;
+    `run` builds it on first use too. The folder is an ordinary open_clip checkpoint:
+
+      rsnc-bench pretrain
+      rsnc-bench run --backbone tiny-b32 --pretrained ~/.cache/rsnc-bench/pretrained/tiny-clip/open_clip_pytorch_model.bin
+    """
+    from rsnc_bench.pretrain import checkpoint_record, ensure_checkpoint
+
+    folder = ensure_checkpoint(name, force)
+    record = checkpoint_record(folder)
+    typer.echo(f"{name}: {folder} (sha256 {record['sha256'][:16]}, built in {record['seconds']} s "
+               f"with {record['torch_threads']} threads)")
+
+
 @app.command("report")
 @user_errors
 def report(

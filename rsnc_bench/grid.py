@@ -24,6 +24,7 @@ from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, check_rate
+from rsnc_bench.pretrain import RECIPES, ensure_checkpoint
 from rsnc_bench.store import CellKey, ResultStore
 
 
@@ -73,6 +74,9 @@ def expand(grid: GridConfig) -> list[CellSpec]:
     PROTOCOLS.get(grid.noise_protocol)
     for rate in grid.noise:
         check_rate(rate)
+    builtin = [name for name in grid.backbones if name in RECIPES]
+    if grid.pretrained and builtin:
+        raise ConfigError(f"{builtin[0]} brings its own weights; to load a file, use --backbone {RECIPES[builtin[0]].arch} --pretrained FILE")
     if grid.pretrained and _looks_like_path(grid.pretrained) and not Path(grid.pretrained).is_file():
         raise WeightsNotFoundError(f"weights file {grid.pretrained} not found; give --pretrained an existing local weights file")
     cells = []
@@ -120,6 +124,8 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
         elif store.is_complete(spec.key):
             continue
         todo.append(spec)
+    for name in {spec.key.backbone for spec in todo} & set(RECIPES):
+        ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
     devices = devices_for(grid.device)
     docs = []
     if len(devices) == 1 or len(todo) <= 1:

@@ -27,3 +27,22 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic(synthetic_root):
     return load_dataset("synthetic", synthetic_root, options=TINY_SYNTHETIC)
+
+
+# Pretraining recipes small enough for tests, standing in for the tiny-clip preset's: one of
+# seconds for the cache's mechanics, one that learns enough for a zero-shot check.
+from rsnc_bench.pretrain import PretrainRecipe  # noqa: E402
+
+TINY_RECIPE = PretrainRecipe(n_images=96, epochs=2, batch_size=48, warmup_steps=2)
+LEARNING_RECIPE = PretrainRecipe(n_images=384, epochs=8, batch_size=64, lr=2e-3, warmup_steps=6)
+
+
+@pytest.fixture
+def tiny_cache(tmp_path_factory, monkeypatch) -> Path:
+    """RSNC_BENCH_CACHE in a folder of the session, with the tiny recipe as tiny-clip's (built once)."""
+    from rsnc_bench import pretrain
+
+    home = tmp_path_factory.getbasetemp() / "rsnc-cache"
+    monkeypatch.setenv("RSNC_BENCH_CACHE", str(home))
+    monkeypatch.setitem(pretrain.RECIPES, "tiny-clip", TINY_RECIPE)
+    return home

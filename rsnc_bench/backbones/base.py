@@ -27,6 +27,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_HINTS: dict[str, dict] = {
     "tiny-vit": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
     "minilm": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 6},
+    # a pretrained start needs a fine-tuning budget: the from-scratch lr would erase what it learnt
+    "tiny-clip": {"lr": 2e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
 }
 
 
@@ -80,6 +82,7 @@ class DualEncoder(nn.Module):
     image_size: int
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    provenance: dict | None = None  # where built-in weights came from (checkpoint, sha256), recorded in results
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError

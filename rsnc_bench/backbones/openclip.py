@@ -13,12 +13,14 @@ and loads without complaint while every feature is wrong. Use the ``-quickgelu``
 ``quick_gelu=True``; a warning fires when a file whose name suggests OpenAI initialisation is
 loaded into a GELU architecture.
 
-The CPU presets (``tiny-vit``) are open_clip configs shipped in ``open_clip_configs/``,
-registered with open_clip like any other architecture.
+The CPU architectures (``tiny-vit``, ``tiny-b32``) are open_clip configs shipped in
+``open_clip_configs/``, registered with open_clip like any other architecture (random init);
+``tiny-clip`` is ``tiny-b32`` with the built-in pretrained weights of ``rsnc_bench.pretrain``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -31,7 +33,7 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 
-from rsnc_bench.backbones.base import BackboneConfig, DualEncoder, Features, WeightsNotFoundError
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError, UnknownNameError
 
@@ -130,8 +132,22 @@ def build_open_clip(config: BackboneConfig) -> OpenClipEncoder:
     return OpenClipEncoder(model, open_clip.get_tokenizer(_tokenizer_name(name)), norm)
 
 
+@BACKBONES.register("tiny-clip")
+def build_tiny_clip(config: BackboneConfig) -> OpenClipEncoder:
+    """CPU preset: tiny-b32 (ViT-B/32's 49 patches and 77 text positions) pretrained on the synthetic source domain (`rsnc-bench pretrain`; built on first use, cached)."""
+    from rsnc_bench.pretrain import WEIGHTS_NAME, checkpoint_record, ensure_checkpoint
+
+    if config.pretrained:
+        raise ConfigError("tiny-clip brings its own weights; to load a file, use --backbone tiny-b32 --pretrained FILE")
+    folder = ensure_checkpoint(config.name)
+    record = checkpoint_record(folder)
+    encoder = build_open_clip(dataclasses.replace(config, name=record["recipe"]["arch"], pretrained=str(folder / WEIGHTS_NAME)))
+    encoder.provenance = {"checkpoint": str(folder), "sha256": record["sha256"], "recipe": record["recipe"]}
+    return encoder
+
+
 def _tokenizer_name(name: str) -> str:
-    return name.replace("/", "-")
+    return name if name.startswith("local-dir:") else name.replace("/", "-")
 
 
 def _from_local_dir(name: str, config: BackboneConfig) -> open_clip.CLIP:

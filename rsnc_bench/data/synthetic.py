@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,16 +78,19 @@ class SyntheticOptions:
     n_test: int = 200
     image_size: int = 128
     dup_fraction: float = 0.3  # share of images whose captions are padded by duplication
+    domain: str = "target"  # "target" (the benchmark's data) or "source" (the pretraining corpus, shifted)
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.n_val, self.n_test) < 1 or self.image_size < 32:
             raise ConfigError("synthetic needs n_train, n_val, n_test >= 1 and image_size >= 32")
         if not 0.0 <= self.dup_fraction <= 1.0:
             raise ConfigError(f"synthetic dup_fraction {self.dup_fraction} is outside [0, 1]")
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"synthetic domain {self.domain!r} is unknown; choose {' or '.join(DOMAINS)}")
 
     def slug(self) -> str:
         return (f"s{self.seed}-{self.n_train}-{self.n_val}-{self.n_test}-{self.image_size}px"
-                f"-dup{round(self.dup_fraction * 100)}")
+                f"-dup{round(self.dup_fraction * 100)}" + ("" if self.domain == "target" else f"-{self.domain}"))
 
 
 class Canvas:
@@ -359,13 +363,53 @@ def bareland(c: Canvas):
     return "bare land", facts
 
 
+# Classes the target lacks: drawn only in the source domain.
+@scene("roundabout")
+def roundabout(c: Canvas):
+    cx, cy = 0.35 + 0.3 * c.rng.rand(), 0.35 + 0.3 * c.rng.rand()
+    roads = 2 + c.rng.randint(3)
+    angles = c.rng.rand() * 6.3 + np.arange(roads) * 6.283 / roads
+    for a in angles:
+        c.line([(cx, cy), (cx + 1.2 * np.cos(a), cy + 1.2 * np.sin(a))], (96, 96, 100), 0.05)
+    c.ellipse(cx, cy, 0.17, 0.17, (96, 96, 100))
+    island = c.choice(["green", "white"])
+    c.ellipse(cx, cy, 0.09, 0.09, COLORS[island])
+    return "a roundabout", [f"{count_words(roads)} roads meeting at a circle", f"a {island} island in the middle"]
+
+
+@scene("solarfarm")
+def solar_farm(c: Canvas):
+    rows = 2 + c.rng.randint(5)
+    side = c.choice(["left", "right", "top", "bottom"])
+    x0, y0, x1, y1 = {"left": (0.05, 0.05, 0.5, 0.95), "right": (0.5, 0.05, 0.95, 0.95),
+                      "top": (0.05, 0.05, 0.95, 0.5), "bottom": (0.05, 0.5, 0.95, 0.95)}[side]
+    step = (y1 - y0) / rows
+    for r in range(rows):
+        c.rect(x0, y0 + r * step + 0.01, x1, y0 + (r + 0.6) * step, (30, 40, 96))
+    return "a solar farm", [f"{count_words(rows)} rows of solar panels", f"dark blue panels on the {side} side"]
+
+
+@scene("greenhouses")
+def greenhouses(c: Canvas):
+    n = 2 + c.rng.randint(7)
+    vertical = c.rng.rand() < 0.5
+    for k in range(n):
+        a = 0.06 + k * 0.88 / n
+        b = a + 0.6 * 0.88 / n
+        c.rect(a, 0.1, b, 0.9, COLORS["white"]) if vertical else c.rect(0.1, a, 0.9, b, COLORS["white"])
+    return "greenhouses", [f"{counted(n, 'white greenhouse')} in a row",
+                           f"long roofs running {'vertically' if vertical else 'horizontally'}"]
+
+
 GROUNDS = {
     "airport": (150, 144, 126), "harbor": (150, 146, 138), "residential": (96, 136, 72),
     "farmland": (120, 130, 70), "river": (78, 124, 60), "storagetanks": (150, 128, 96),
     "forest": (34, 90, 40), "parking": (92, 92, 96), "playground": (110, 140, 90),
     "beach": (214, 196, 142), "pond": (86, 140, 70), "bareland": (204, 178, 128),
+    "roundabout": (118, 132, 92), "solarfarm": (168, 150, 112), "greenhouses": (132, 140, 84),
 }
-CLASSES = tuple(SCENES)
+CLASSES = ("airport", "harbor", "residential", "farmland", "river", "storagetanks", "forest", "parking",
+           "playground", "beach", "pond", "bareland")  # the target's classes, in draw order
 
 
 def captions_for(noun: str, facts: list[str], rng: np.random.RandomState) -> list[str]:
@@ -386,18 +430,74 @@ def captions_for(noun: str, facts: list[str], rng: np.random.RandomState) -> lis
     return out
 
 
-def draw_image(seed: int, index: int, size: int, dup_fraction: float) -> tuple[str, Image.Image, list[str]]:
-    """Scene class, image and five captions of image ``index``; fixed by (seed, index)."""
+# The pretraining source (domain "source") differs from the target partially, the way web
+# image-text data differs from RS captions: 8 of the target's 12 classes plus 3 it lacks; other
+# phrasings (its own templates, and half its captions with synonyms); another look (a per-image
+# colour cast, no blur, stronger grain). Counts, colours, positions and relations stay the
+# shared language that transfers.
+SOURCE_CLASSES = ("airport", "harbor", "residential", "river", "forest", "bareland",
+                  "roundabout", "solarfarm", "greenhouses")
+SOURCE_SYNONYMS = {
+    "airport": "airfield", "planes": "aircraft", "plane": "aircraft", "harbor": "port", "boats": "ships", "boat": "ship",
+    "houses": "homes", "buildings": "structures", "road": "street", "parking lot": "car park", "cars": "vehicles",
+    "fields": "plots", "trees": "woods", "forest": "woodland", "river": "stream", "bare land": "barren ground",
+}
+_SYNONYM_PATTERN = re.compile(r"\b(" + "|".join(sorted(SOURCE_SYNONYMS, key=len, reverse=True)) + r")\b")
+SYNONYM_RATE = 0.8
+
+
+def source_captions(noun: str, facts: list[str], rng: np.random.RandomState) -> list[str]:
+    """Five source-domain captions: other templates than the target's, half of them with synonyms."""
+    templates = [
+        lambda f: f"an aerial image of {noun} showing {f} .",
+        lambda f: f"overhead view of {noun} : {f} .",
+        lambda f: f"in this picture of {noun} , {f} .",
+        lambda f: f"{f} , photographed from above in {noun} .",
+    ]
+    out = []
+    for k in range(5):
+        if k == 4 and len(facts) > 1:
+            a, b = rng.choice(len(facts), size=2, replace=False)
+            caption = f"{noun} ; {facts[a]} , {facts[b]} ."
+        else:
+            caption = templates[rng.randint(len(templates))](facts[rng.randint(len(facts))])
+        if rng.rand() < SYNONYM_RATE:
+            caption = _SYNONYM_PATTERN.sub(lambda m: SOURCE_SYNONYMS[m.group(1)], caption)
+        out.append(caption)
+    return out
+
+
+@dataclass(frozen=True)
+class Domain:
+    classes: tuple[str, ...]
+    captions: Callable[[str, list[str], np.random.RandomState], list[str]]
+    blur: float  # Gaussian blur radius in px
+    grain: float  # pixel noise std
+    colour_cast: float  # per-channel gain drawn from 1 +- this
+
+
+DOMAINS = {
+    "target": Domain(CLASSES, captions_for, blur=0.6, grain=6.0, colour_cast=0.0),
+    "source": Domain(SOURCE_CLASSES, source_captions, blur=0.0, grain=10.0, colour_cast=0.35),
+}
+
+
+def draw_image(seed: int, index: int, size: int, dup_fraction: float, domain: str = "target") -> tuple[str, Image.Image, list[str]]:
+    """Scene class, image and five captions of image ``index``; fixed by (seed, index, domain)."""
+    look = DOMAINS[domain]
     rng = np.random.RandomState([seed, index])
-    cls = CLASSES[rng.randint(len(CLASSES))]
+    cls = look.classes[rng.randint(len(look.classes))]
     canvas = Canvas(size, rng, GROUNDS[cls])
     noun, facts = SCENES[cls](canvas)
-    captions = captions_for(noun, facts, rng)
+    captions = look.captions(noun, facts, rng)
     if rng.rand() < dup_fraction:  # RSICD-style padding: 1 or 2 distinct captions repeated to 5
         distinct = captions[: 1 + rng.randint(2)]
         captions = [distinct[k % len(distinct)] for k in range(5)]
-    pixels = np.asarray(canvas.image.filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32)
-    pixels = pixels * (0.85 + 0.3 * rng.rand()) + rng.normal(0, 6, pixels.shape)
+    image = canvas.image.filter(ImageFilter.GaussianBlur(look.blur)) if look.blur else canvas.image
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels * (0.85 + 0.3 * rng.rand()) + rng.normal(0, look.grain, pixels.shape)
+    if look.colour_cast:
+        pixels = pixels * (1 + look.colour_cast * (2 * rng.rand(3) - 1))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return cls, image, captions
 
@@ -413,7 +513,7 @@ def write_dataset(root: Path, options: SyntheticOptions) -> None:
     with tqdm(total=total, desc=f"drawing synthetic dataset ({options.slug()})", unit="img", leave=False, disable=None) as bar:
         for split, n in plan:
             for _ in range(n):
-                cls, image, captions = draw_image(options.seed, index, options.image_size, options.dup_fraction)
+                cls, image, captions = draw_image(options.seed, index, options.image_size, options.dup_fraction, options.domain)
                 filename = f"{cls}_{index:05d}.png"
                 image.save(tmp / "images" / filename)
                 sentids = list(range(5 * index, 5 * index + 5))

@@ -131,6 +131,8 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     torch.manual_seed(key.train_seed)  # random-init towers and heads depend on the training seed only
     np.random.seed(key.train_seed)
     method: Method = method_cls(build_backbone(spec.backbone), mconfig)
+    if method.backbone.provenance:
+        doc["config"]["backbone_weights"] = method.backbone.provenance
     cache = store.root / "cache" / label
     train = split_tensors(train_split, method.backbone, cache, native=True)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache) for s in (data["val"], data["test"]))
