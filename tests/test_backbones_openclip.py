@@ -87,3 +87,17 @@ def test_listing_has_presets_families_and_open_clip_architectures():
     names = dict(describe_backbones())
     assert {"tiny-vit", "timm-hf", "swin-bert", "minilm", "ViT-B-32", "ViT-B-32-quickgelu"} <= set(names)
     assert [n for n, _ in describe_backbones("ViT-B-32*")] == [n for n in names if n.startswith("ViT-B-32")]
+
+
+def test_global_text_embedding_skips_the_padding_tail_exactly():
+    """The pooled text embedding is computed without the all-padding columns (a causal mask lets no
+    position see them): it equals open_clip's full-context encode_text, and the gradient flows."""
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig("tiny-b32"))
+    text = model.tokenize(["a red roof", "two planes parked near a long runway in the top left of an airport"])
+    assert text.shape[1] == 77 and (text[:, 20:] == 0).all()
+    fast = model.encode_text(text).embedding
+    torch.testing.assert_close(fast, model.model.encode_text(text), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, model.encode_text(text, tokens=True).embedding, rtol=1e-5, atol=1e-5)
+    fast.sum().backward()
+    assert model.model.token_embedding.weight.grad.abs().sum() > 0

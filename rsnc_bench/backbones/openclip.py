@@ -87,19 +87,28 @@ class OpenClipEncoder(DualEncoder):
 
     def encode_text(self, text: torch.Tensor, tokens: bool = False) -> Features:
         m = self.model
-        if not tokens:
-            return Features(m.encode_text(text))
         if not hasattr(m, "token_embedding"):
-            raise ConfigError("text token features need open_clip's built-in text transformer (CLIP, not CustomTextCLIP)")
+            if tokens:
+                raise ConfigError("text token features need open_clip's built-in text transformer (CLIP, not CustomTextCLIP)")
+            return Features(m.encode_text(text))
+        if not tokens and self._causal_argmax_pool():
+            # Exact speed-up: under a causal mask no position sees the padding after it, so the
+            # pooled EOT embedding is the same when the all-padding tail columns are never computed.
+            text = text[:, : int((text != 0).any(0).nonzero().max()) + 1] if bool((text != 0).any()) else text
         # open_clip's CLIP.encode_text, keeping every position of the final-normalised sequence
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(text).to(cast) + m.positional_embedding.to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        cast, length = m.transformer.get_cast_dtype(), text.shape[1]
+        mask = None if m.attn_mask is None else m.attn_mask[:length, :length]
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=mask))
         pooled = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        if m.text_projection is not None:
-            project = m.text_projection if isinstance(m.text_projection, torch.nn.Linear) else (lambda t: t @ m.text_projection)
-            pooled, x = project(pooled), project(x)
-        return Features(pooled, x, text != 0)  # 0 pads after EOT in open_clip's tokenizers
+        project = (lambda t: t) if m.text_projection is None else (
+            m.text_projection if isinstance(m.text_projection, torch.nn.Linear) else (lambda t: t @ m.text_projection))
+        if not tokens:
+            return Features(project(pooled))
+        return Features(project(pooled), project(x), text != 0)  # 0 pads after EOT in open_clip's tokenizers
+
+    def _causal_argmax_pool(self) -> bool:
+        return self.model.attn_mask is not None and self.model.text_pool_type == "argmax"
 
     def image_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.visual.parameters())
