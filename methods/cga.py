@@ -10,6 +10,8 @@ The gates are linear in the attended context, so W^u [u; v~] = W^u_self u + soft
 the projections are made once per text and per image (:meth:`words` / :meth:`regions`) and each
 pair costs only products of size m x n x d. Pair tensors broadcast: text parts [Ct, 1, m, .] against
 image parts [1, Ci, n, .] score a grid; gathered [P, m, .] and [P, n, .] score a list of pairs.
+:meth:`CrossGatedAttention.grid` is the same computation for every text of a block against every
+image of a block, without autograd and without broadcast copies (the evaluation and mining path).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.pnaa import MASKED
+from methods.pnaa import MASKED, SAFE_EXPONENT, Scratch
 
 
 @dataclass
@@ -83,9 +85,9 @@ class CrossGatedAttention(nn.Module):
 
     def forward(self, words: Words, regions: Regions) -> Fused:
         logits = self.scale * (words.affinity @ regions.unit.transpose(-1, -2))  # [..., m, n]
-        real = words.mask.unsqueeze(-1)
         to_regions = torch.softmax(logits, dim=-1)  # alpha_ij, over regions j
-        to_words = torch.softmax(logits.masked_fill(~real, MASKED), dim=-2).transpose(-1, -2)  # beta_ji, over real words i
+        padding = torch.where(words.mask, 0.0, MASKED).unsqueeze(-1)  # added, not filled in: exp(a - 1e4 - max) = 0 all the same
+        to_words = torch.softmax(logits + padding, dim=-2).transpose(-1, -2)  # beta_ji, over real words i
         word_gate = torch.sigmoid((to_regions @ regions.gate_context).add_(words.gate_self))
         region_gate = torch.sigmoid((to_words @ words.gate_context).add_(regions.gate_self))
         fused_words = torch.lerp(to_regions @ regions.tokens, words.tokens, word_gate)  # g u + (1 - g) v~
@@ -93,3 +95,53 @@ class CrossGatedAttention(nn.Module):
         weight = words.mask.to(word_gate.dtype)
         mean_word_gate = (word_gate.mean(-1) * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
         return Fused(fused_words, fused_regions, mean_word_gate, region_gate.mean((-1, -2)))
+
+    @torch.no_grad()
+    def grid(self, words: Words, regions: Regions, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u^ [T, I, m, d], v^ [T, I, n, d]) of every text in ``words`` (parts [T, m, .]) against
+        every image in ``regions`` (parts [I, n, .]): :meth:`forward` on ``words[:, None]`` and
+        ``regions[None]`` up to float rounding, without the gate means and without autograd.
+
+        - One product gives every pair's affinities, [T m, d] @ [d, I n].
+        - Both softmaxes share one exponential when it is safe: each logit s a_ij is at most
+          c = s max_i |u_i W_a| / |u_i| over the text's words (|v_j / |v_j|| = 1), so exp(s a_ij - c)
+          neither overflows nor, while 2c <= SAFE_EXPONENT, underflows; alpha and beta are its row
+          and column normalisations (beta's over real words: a bmm with the mask). Otherwise,
+          the two softmaxes as :meth:`forward` takes them.
+        - Each side's gate and context come from batched products over images (words) and over
+          texts (regions), the gate's own term added inside the product (``baddbmm``).
+
+        ``scratch``: buffers shared with the other blocks of a grid (:class:`methods.pnaa.Scratch`);
+        the results live in it until the next call with the same scratch.
+        """
+        scratch = scratch or Scratch()
+        (t, m, d), (i, n) = words.tokens.shape, regions.tokens.shape[:2]
+        affinity = self.scale * words.affinity
+        logits = torch.mm(affinity.reshape(t * m, d), regions.unit.reshape(i * n, d).T,
+                          out=scratch.take("logits", (t * m, i * n), affinity)).view(t, m, i, n)
+        real = words.mask.to(logits.dtype)
+        bound = torch.linalg.vector_norm(affinity, dim=-1).amax(-1)  # [T]: c, at least every logit of the text
+        if logits.dtype in (torch.float32, torch.float64) and 2 * float(bound.max()) <= SAFE_EXPONENT:
+            weights = logits.sub_(bound.view(t, 1, 1, 1)).exp_()
+            to_regions = torch.mul(weights, weights.sum(-1, keepdim=True).reciprocal_(),
+                                   out=scratch.take("alpha", (t, m, i, n), weights))  # alpha, over the regions of each image
+            column = torch.bmm(real.view(t, 1, m), weights.view(t, m, i * n))  # over the real words of each region
+            to_words = weights.view(t, m, i * n).mul_(column.clamp_min_(1e-30).reciprocal_())  # beta at real words (padding: zeroed parts below)
+        else:
+            to_regions = torch.softmax(logits, dim=-1)
+            to_words = torch.softmax(logits.add_(torch.where(words.mask, 0.0, MASKED).view(t, m, 1, 1)), dim=1).view(t, m, i * n)
+        # Word side, per image: alpha [T m, n] @ [n, d], twice.
+        alpha = to_regions.permute(2, 0, 1, 3).reshape(i, t * m, n)
+        gate = torch.baddbmm(words.gate_self.reshape(1, t * m, d), alpha, regions.gate_context,
+                             out=scratch.take("word_gate", (i, t * m, d), alpha)).sigmoid_()
+        context = torch.bmm(alpha, regions.tokens, out=scratch.take("word_context", (i, t * m, d), alpha))
+        fused_words = scratch.take("fused_words", (t, i, m, d), alpha)
+        torch.lerp(context.view(i, t, m, d), words.tokens, gate.view(i, t, m, d), out=fused_words.transpose(0, 1))  # g u + (1 - g) v~
+        # Region side, per text: beta^T [I n, m] @ [m, d], twice, over the real words' parts only.
+        beta = to_words.transpose(1, 2)
+        keep = real.unsqueeze(-1)
+        gate = torch.baddbmm(regions.gate_self.reshape(1, i * n, d), beta, words.gate_context * keep,
+                             out=scratch.take("region_gate", (t, i * n, d), beta)).sigmoid_()
+        fused_regions = torch.bmm(beta, words.tokens * keep, out=scratch.take("fused_regions", (t, i * n, d), beta))
+        fused_regions.lerp_(regions.tokens.reshape(1, i * n, d), gate)  # g v + (1 - g) u~
+        return fused_words, fused_regions.view(t, i, n, d)

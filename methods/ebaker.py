@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
-from methods.keywords import KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
+from methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
 from methods.sar import sar_rerank
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
@@ -37,6 +37,7 @@ from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairSco
 EBA_MODES = ("split", "joint")
 BANK_INITS = ("empty", "normal")
 EMPTY_MASKS = ("skip", "keep_best")
+KER_VOCABS = ("full", "labels")
 PAPER_BANK_SIZE = 200_000
 
 
@@ -58,6 +59,9 @@ class EbakerConfig(ClipPipelineConfig):
     ker_faithful_offset: bool = False  # True: the original code's word-index-as-token-index masking
     ker_heads: int = 0  # 0: width // 64, the reference's rule (8 at 512)
     ker_layers: int = 2
+    # "full": the MLM softmax over CLIP's whole 49,408-token vocabulary (the papers). "labels": NON-PAPER,
+    # over the token ids that occur as KER labels in the training captions only (a restricted softmax)
+    ker_vocab: str = "full"
     sar: bool = False  # evaluation-time SAR re-rank (reconstructed), reported as <method>+sar
     sar_k: int = 10
 
@@ -68,6 +72,8 @@ class EbakerConfig(ClipPipelineConfig):
             raise ConfigError(f"bank_init={self.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
         if self.keyword_source not in KEYWORD_SOURCES:
             raise ConfigError(f"keyword_source={self.keyword_source!r}; choose one of {', '.join(KEYWORD_SOURCES)}")
+        if self.ker_vocab not in KER_VOCABS:
+            raise ConfigError(f"ker_vocab={self.ker_vocab!r}; choose one of {', '.join(KER_VOCABS)}")
         if self.empty_mask not in EMPTY_MASKS:
             raise ConfigError(f"empty_mask={self.empty_mask!r}; choose one of {', '.join(EMPTY_MASKS)}")
         if not 0 <= self.drop_ratio < 1 or not 0 <= self.noise_estimate < 1:
@@ -163,6 +169,7 @@ class Ebaker(ClipPipeline):
             self.ker = KerHead(backbone.embed_dim, heads=self.config.ker_heads, layers=self.config.ker_layers)
         self.register_buffer("ker_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("ker_labels", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("ker_vocab_ids", torch.zeros(0, dtype=torch.long), persistent=False)  # ker_vocab="labels"
         self.keywords: list[str] = []
 
     @property
@@ -179,6 +186,8 @@ class Ebaker(ClipPipeline):
         ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
         device = next(self.parameters()).device
         self.ker_ids, self.ker_labels = ids.to(device), labels.to(device)
+        if self.config.ker_vocab == "labels":
+            self.ker_vocab_ids = torch.unique(self.ker_labels[self.ker_labels != IGNORE_LABEL])
 
     def start_epoch(self, ctx: EpochContext) -> None:
         cfg = self.config
@@ -205,7 +214,11 @@ class Ebaker(ClipPipeline):
     # --- training -----------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> LossOutput:
         cfg = self.config
-        texts, images = self.encode_pair(batch.text, batch.images)
+        if self.ker is not None:  # the caption and its keyword-masked copy go through the text tower together
+            texts, masked = self.encode_text_batches(batch.text, self._masked_ids(batch))
+            images = self.backbone.encode_image(batch.images, tokens=True)
+        else:
+            texts, images = self.encode_pair(batch.text, batch.images)
         s_global = cosine_matrix(texts, images)
         s_local = self.local_matrix(texts, images)
         positive = {"global": s_global.diagonal().detach(), "local": s_local.diagonal().detach()}
@@ -219,18 +232,18 @@ class Ebaker(ClipPipeline):
         if self.split:
             logs["eliminated_local"] = 1 - keep_local.float().mean().item()
         if self.ker is not None:
-            mlm = self._ker_loss(batch, images)
+            vocab = self.ker_vocab_ids if cfg.ker_vocab == "labels" else None
+            mlm = ker_loss(self.ker, masked.tokens, images.tokens, self.ker_labels[batch.rows.to(self.ker_labels.device)], vocab)
             loss = loss + cfg.ker_weight * mlm
             logs["mlm"] = mlm.item()
         self._record(batch.rows, positive, ~keep_global)
         return LossOutput(loss, positive["global"], logs)
 
-    def _ker_loss(self, batch: Batch, images) -> torch.Tensor:
+    def _masked_ids(self, batch: Batch) -> torch.Tensor:
+        """The batch rows' keyword-masked token ids, built once per training set by ``prepare``."""
         if not len(self.ker_ids):
             raise ConfigError("KER has no masked captions: prepare(captions) was not called before training")
-        rows = batch.rows.to(self.ker_ids.device)
-        masked = self.backbone.encode_text(self.ker_ids[rows], tokens=True).tokens
-        return ker_loss(self.ker, masked, images.tokens, self.ker_labels[rows])
+        return self.ker_ids[batch.rows.to(self.ker_ids.device)].to(batch.text.device)
 
     def _record(self, rows: torch.Tensor, positive: dict[str, torch.Tensor], eliminated: torch.Tensor) -> None:
         rows = rows.cpu()

@@ -214,6 +214,39 @@ def head_count(dim: int, heads: int) -> int:
     return max(h for h in range(1, min(heads, dim) + 1) if dim % h == 0)
 
 
+def attend(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """``attn(query, key_value, key_value, need_weights=False)[0]`` for a batch-first module on
+    [B, Lq, D] queries and [B, Lk, D] keys / values, computed batch-first: the module's own
+    projections and ``scaled_dot_product_attention``, without the sequence-first transposes and
+    the copies of the packed projection that ``nn.MultiheadAttention`` makes (the same math; equal
+    up to float rounding, tested). ``query is key_value``: one packed projection, as the module.
+    Configurations this does not cover (dropout while training, bias_k, add_zero_attn, separate
+    projection weights) go through the module itself."""
+    if (not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn
+            or (attn.dropout > 0 and attn.training)):
+        return attn(query, key_value, key_value, need_weights=False)[0]
+    dim, heads = query.shape[-1], attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if query is key_value:
+        q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)
+    else:
+        q = F.linear(query, weight[:dim], None if bias is None else bias[:dim])
+        k, v = F.linear(key_value, weight[dim:], None if bias is None else bias[dim:]).chunk(2, dim=-1)
+    split = lambda t: t.unflatten(-1, (heads, dim // heads)).transpose(1, 2)  # noqa: E731  [B, H, L, D / H]
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
+
+
+def query_slots(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, k], valid [B, k]) for a [B, L] bool mask, k its largest row count: row b's True
+    positions in ascending order, padded; ``t.gather(1, index)[valid]`` lists the True entries in
+    the order of ``t[positions]`` (row-major)."""
+    counts = positions.sum(1)
+    k = int(counts.max()) if len(counts) else 0
+    index = torch.argsort((~positions).to(torch.uint8), dim=1, stable=True)[:, :k]
+    return index, torch.arange(k, device=positions.device) < counts[:, None]
+
+
 class ResidualBlock(nn.Module):
     """CLIP's pre-norm residual attention block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), the MLP
     c_fc (4x) -> QuickGELU -> c_proj."""
@@ -227,8 +260,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + attend(self.attn, h, h)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` at the query slots of ``query_slots`` only, as [n, D] rows: every position
+        still serves as a key and value, but the queries, the residual and the MLP are computed at
+        the n valid slots alone. Every step after the attention is per position, so the rows equal
+        ``forward(x)[positions]`` up to float rounding (tested)."""
+        h = self.ln_1(x)
+        pick = lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        y = (pick(x) + attend(self.attn, pick(h), h))[valid]
+        return y + self.mlp(self.ln_2(y))
 
 
 class KerHead(nn.Module):
@@ -241,6 +284,10 @@ class KerHead(nn.Module):
     the reference (CLIP's scheme): attention in-projections ~ N(0, w^-1/2); attention out- and MLP
     c_proj weights and the vocabulary projection ~ N(0, w^-1/2 (2 layers)^-1/2); MLP c_fc and the
     MLM dense layer ~ N(0, (2w)^-1/2); biases and LayerNorms as PyTorch initialises them.
+
+    With ``positions``, only what the labelled positions need is computed: the last block's
+    queries, residual and MLP, the MLM head and the vocabulary projection run at those positions
+    alone (the blocks attend both ways, so every earlier layer runs at every position).
     """
 
     def __init__(self, dim: int, vocab_size: int = CLIP_VOCAB_SIZE, heads: int = 0, layers: int = 2):
@@ -254,6 +301,7 @@ class KerHead(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(dim, self.heads) for _ in range(layers))
         self.ln_post = nn.LayerNorm(dim)
         self.mlm = nn.Sequential(OrderedDict(dense=nn.Linear(dim, dim), gelu=QuickGELU(), ln=nn.LayerNorm(dim), fc=nn.Linear(dim, vocab_size)))
+        self.logit_workspace = LogitWorkspace()  # not state: a reusable buffer for the vocabulary logits
         self._init_weights(dim, layers)
 
     def _init_weights(self, dim: int, layers: int) -> None:
@@ -267,35 +315,168 @@ class KerHead(nn.Module):
         nn.init.normal_(self.mlm.dense.weight, std=fc_std)
         nn.init.normal_(self.mlm.fc.weight, std=proj_std)
 
+    def features(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of the vocabulary projection: [B, L, D], or [n, D] at the n True entries of
+        ``positions`` [B, L] (row-major, as ``t[positions]``)."""
+        image = self.ln_pre_i(image_tokens)
+        x = attend(self.cross_attn, self.ln_pre_t(text_tokens), image)
+        if positions is None:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            for block in self.blocks[:-1]:
+                x = block(x)
+            index, valid = query_slots(positions)
+            x = self.blocks[-1].forward_at(x, index, valid) if index.shape[1] else x[positions]
+        m = self.mlm
+        return m.ln(m.gelu(m.dense(self.ln_post(x))))
+
     def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, D] text tokens, [B, P, D] image tokens -> [B, L, vocab_size] logits, or [n, vocab_size]
         at the n True entries of ``positions`` [B, L] only (the vocabulary projection dominates memory)."""
-        image = self.ln_pre_i(image_tokens)
-        x = self.cross_attn(self.ln_pre_t(text_tokens), image, image, need_weights=False)[0]
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_post(x)
-        return self.mlm(x if positions is None else x[positions])
+        return self.mlm.fc(self.features(text_tokens, image_tokens, positions))
+
+
+# ----------------------------------------------------------------------------- loss
+
+class LogitWorkspace:
+    """One reusable [rows, vocab] buffer for ``linear_cross_entropy`` on the CPU, where a fresh
+    100+ MB tensor each step costs as much in page faults as the softmax over it. A forward takes
+    the buffer (or allocates one when it is out or too small); the backward gives it back. A second
+    backward through the same graph (``retain_graph``) is refused once a later forward has taken it."""
+
+    def __init__(self):
+        self.free: torch.Tensor | None = None
+        self.takes = 0
+        self.weight_bias: torch.Tensor | None = None  # [vocab, D + 1], rewritten by every forward
+
+    def with_bias_column(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """[weight | bias] in a kept buffer (used within one forward only)."""
+        shape = (weight.shape[0], weight.shape[1] + 1)
+        buf = self.weight_bias
+        if buf is None or buf.shape != shape or buf.dtype != weight.dtype or buf.device != weight.device:
+            buf = self.weight_bias = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        return torch.cat([weight, bias.unsqueeze(1)], dim=1, out=buf)
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        self.takes += 1
+        buf, self.free = self.free, None
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(rows + rows // 4 + 1, cols, dtype=dtype, device=device)  # room for the next batches' counts
+        return buf
+
+    def give_back(self, buf: torch.Tensor) -> int:
+        self.free = buf
+        return self.takes
+
+    def __deepcopy__(self, memo):
+        return LogitWorkspace()
+
+
+UNDERFLOW = 1e-30  # a target probability below this has its loss recomputed from the logits (fp32 tiny is 1.2e-38)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i W^T + b, label_i), fused: one [n, V] buffer holds the logits, then (in
+    place, on the CPU) their softmax, then the logits' gradient softmax - onehot, which the backward
+    multiplies into the two matrix products. No log-softmax tensor, no zero-filled NLL gradient, no
+    softmax backward pass. The logits are computed in ``dtype`` (the autocast dtype under AMP, as
+    ``nn.Linear`` would) and the softmax in fp32, as ``F.cross_entropy(logits.float(), labels)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, dtype, workspace, needs_grad):
+        device = hidden.device
+        with torch.autocast(device.type, enabled=False):
+            h = h1 = hidden.to(dtype)
+            w = w1 = weight.to(dtype)
+            in_place = device.type == "cpu" and dtype == torch.float32 and workspace is not None
+            if bias is not None:  # the bias as an extra input column: one matrix product, no broadcast copy
+                h1 = torch.cat([h, h.new_ones(len(h), 1)], dim=1)
+                w1 = workspace.with_bias_column(w, bias.to(dtype)) if in_place else torch.cat([w, bias.to(dtype).unsqueeze(1)], dim=1)
+            n, vocab = len(h), len(w)
+            buffer = workspace.take(n, vocab, dtype, device) if in_place else None
+            logits = torch.mm(h1, w1.t(), out=buffer[:n]) if in_place else torch.mm(h1, w1.t())
+            if in_place:
+                probs = torch._softmax(logits, 1, False, out=logits)
+            else:
+                probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+            rows = torch.arange(n, device=device)
+            target = probs[rows, labels]
+            loss = -torch.log(target)
+            small = target < UNDERFLOW  # -log would lose the value: recompute those rows' logits
+            if bool(small.any()):
+                z = (h1[small] @ w1.t()).float()
+                loss[small] = torch.logsumexp(z, dim=1) - z[torch.arange(len(z), device=device), labels[small]]
+            loss = loss.mean()
+        ctx.dtype, ctx.has_bias, ctx.workspace, ctx.buffer, ctx.stamp = dtype, bias is not None, workspace if in_place else None, buffer, None
+        if needs_grad:
+            probs[rows, labels] -= 1.0  # d(loss) / d(logits) = (softmax - onehot) / n
+            ctx.save_for_backward(h1, w, probs)
+        elif in_place:
+            workspace.give_back(buffer)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.stamp is not None and ctx.workspace.takes != ctx.stamp:
+            raise RuntimeError("linear_cross_entropy: a second backward through this graph after a later forward reused its buffer")
+        h1, w, g = ctx.saved_tensors
+        n, dim = len(h1), w.shape[1]
+        scale = grad_loss.float() / n
+        if g.dtype == ctx.dtype:  # fp32: scale the small operands, not the [n, V] gradient
+            grad_h, grad_w1 = (g @ w) * scale.to(g.dtype), (h1 * scale.to(h1.dtype)).t() @ g
+        else:  # the fp32 gradient in the logits' dtype, as autograd would cast it
+            g = (g * scale).to(ctx.dtype)
+            grad_h, grad_w1 = g @ w, h1.t() @ g
+        if ctx.buffer is not None:
+            ctx.stamp, ctx.buffer = ctx.workspace.give_back(ctx.buffer), None
+        # grad_w1 is [D (+1), V]: h1^T G runs faster than G^T h1 with G row-major [n, V]
+        grad_bias = grad_w1[dim] if ctx.has_bias else None
+        return grad_h, grad_w1[:dim].t().contiguous(), grad_bias, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         workspace: LogitWorkspace | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)`` (mean over the n rows of
+    ``hidden`` [n, D]), fused so the [n, V] logits are one buffer (see ``_LinearCrossEntropy``); the
+    same math, equal up to float rounding (tested against that expression)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype, workspace, needs_grad)
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy over positions whose label != 0 (methods.md 4.2); a zero that keeps
-    the graph (so backward still works) when nothing is labelled."""
+    the graph (so backward still works) when nothing is labelled. The reference for ``ker_loss``."""
     labelled = labels != IGNORE_LABEL
     if not bool(labelled.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[labelled].float(), labels[labelled])
 
 
-def ker_loss(head: KerHead, text_tokens: torch.Tensor, image_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mlm_loss(head(text, image), labels), projecting to the vocabulary only at labelled positions."""
+def ker_loss(head: KerHead, text_tokens: torch.Tensor, image_tokens: torch.Tensor, labels: torch.Tensor,
+             vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """mlm_loss(head(text, image), labels), computing the head only where the labelled positions
+    need it and the vocabulary cross-entropy fused (``linear_cross_entropy``).
+
+    ``vocab`` (NON-PAPER, EbakerConfig.ker_vocab="labels"): sorted token ids that hold every label;
+    the softmax then runs over these ids alone instead of the whole vocabulary."""
     labelled = labels != IGNORE_LABEL
     if not bool(labelled.any()):
         return sum(p.sum() for p in head.parameters()) * 0.0 + text_tokens.sum() * 0.0
-    return F.cross_entropy(head(text_tokens, image_tokens, labelled).float(), labels[labelled])
+    fc, targets = head.mlm.fc, labels[labelled]
+    weight, bias, workspace = fc.weight, fc.bias, head.logit_workspace
+    if vocab is not None:
+        index = torch.searchsorted(vocab, targets).clamp_max(len(vocab) - 1)
+        if not bool((vocab[index] == targets).all()):
+            raise ConfigError("KER restricted vocabulary: a label is not among the vocabulary ids prepare() collected")
+        weight, bias, targets, workspace = weight[vocab], None if bias is None else bias[vocab], index, None
+    return linear_cross_entropy(head.features(text_tokens, image_tokens, labelled), weight, bias, targets, workspace)
 
 
 __all__ = [
-    "FUNCTION_WORDS", "MASK_ID", "IGNORE_LABEL", "KerHead", "QuickGELU", "ResidualBlock", "head_count", "keyword_statistics",
-    "keyword_vocabulary", "ker_loss", "mask_keywords", "mlm_loss",
+    "FUNCTION_WORDS", "MASK_ID", "IGNORE_LABEL", "KerHead", "LogitWorkspace", "QuickGELU", "ResidualBlock", "attend", "head_count",
+    "keyword_statistics", "keyword_vocabulary", "ker_loss", "linear_cross_entropy", "mask_keywords", "mlm_loss", "query_slots",
 ]

@@ -9,6 +9,11 @@ to find each row's hardest negatives, then re-scores only the 3B pairs the tripl
 gradients: the same gradient as the full matrix (a max passes its gradient to the argmax only) at
 a fraction of the memory. Evaluation scores every text against every image in blocks of bounded
 size, or, with ``rescore_top_k``, only each text's and each image's top K under the global cosine.
+
+The all-pairs scorer (:meth:`PmpGuard.grid`: evaluation and the batch matrix) is the pair-wise
+one rearranged for speed, exactly (docs/methods/pmpguard.md, "Cost"): texts in length order, one
+affinity product per block, batched gate products (:meth:`CrossGatedAttention.grid`) and PNAA
+without normalised copies (:func:`methods.pnaa.pnaa_scores`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from methods.cga import CrossGatedAttention, Fused, Regions, Words
 from methods.clip_pipeline import cosine_matrix
-from methods.pnaa import BoundaryEstimate, PnaaOutput, pnaa
+from methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
 from rsnc_bench.backbones import Features
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, info_nce
@@ -29,6 +34,8 @@ from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig,
 BOUNDARY_MODES = ("estimated", "learnable")
 EVAL_BOUNDARIES = ("safe", "train")
 PAIR_BLOCK_ELEMENTS = 2**24  # the largest per-block intermediate ([pairs, words, d]): 64 MB in fp32
+GRID_TEXT_BLOCK = 8  # texts per block of the all-pairs grid, in order of length
+GRID_BLOCK_ELEMENTS = 2**22  # on the CPU, the grid's largest per-block intermediate ([pairs, regions, 2d]): 16 MB
 OUTSIDE_TOP_K = 10.0  # pairs outside the top K sit below every re-scored one (|S_PN| <= 4)
 
 
@@ -72,6 +79,19 @@ def trim_words(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
     mask = features.mask if features.mask is not None else torch.ones(features.tokens.shape[:2], dtype=torch.bool, device=features.tokens.device)
     length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
     return features.tokens[:, :length], mask[:, :length]
+
+
+def trim_text_ids(backbone, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` without the trailing columns that are padding (0) in every row, when the text tower
+    is causal with argmax (EOT) pooling, as open_clip's CLIP is: no real position attends to a later
+    one, so the token features PMPGuard uses (real positions only) and the pooled embedding are the
+    full-length ones up to float rounding, for a fraction of the text tower's work. Other towers
+    get the ids unchanged."""
+    causal = getattr(backbone, "_causal_argmax_pool", None)
+    if not callable(causal) or not causal():
+        return ids
+    used = (ids != 0).any(0)
+    return ids[:, : int(used.nonzero().max()) + 1] if bool(used.any()) else ids
 
 
 def pairs_per_block(words: Words, regions: Regions) -> int:
@@ -127,29 +147,62 @@ class PmpGuard(Method):
         return out, fused
 
     def grid(self, words: Words, regions: Regions, want=("score",)) -> dict[str, torch.Tensor]:
-        """Every text against every image in blocks of bounded size: {name: [n_t, n_i(, m)]}."""
-        n_t, n_i = len(words.tokens), len(regions.tokens)
-        pairs = pairs_per_block(words, regions)
-        image_block = min(n_i, pairs)
-        text_block = max(1, pairs // image_block)
-        rows = []
-        for t in range(0, n_t, text_block):
-            w = words.map(lambda x: x[t: t + text_block].unsqueeze(1))  # [Ct, 1, m, .]
-            cols = []
-            for i in range(0, n_i, image_block):
-                out, _ = self.pair(w, regions.map(lambda x: x[i: i + image_block].unsqueeze(0)))  # [1, Ci, n, .]
-                cols.append({name: getattr(out, name) for name in want})
-            rows.append({name: torch.cat([c[name] for c in cols], dim=1) for name in want})
-        return {name: torch.cat([r[name] for r in rows]) for name in want}
+        """Every text against every image, without autograd: {name: [n_t, n_i(, m)]} for ``want``
+        among "score" and "word_max" (at padding positions NaN or a value to ignore).
+
+        The texts go in order of length, in blocks of GRID_TEXT_BLOCK, each cut to its own longest
+        text; each block of texts meets the images in blocks whose largest intermediate stays within
+        GRID_BLOCK_ELEMENTS (on the CPU; PAIR_BLOCK_ELEMENTS elsewhere). Each block is scored by
+        :meth:`CrossGatedAttention.grid` and :func:`pnaa_scores`: the pair-wise :meth:`pair` up to
+        float rounding, in fp32 whatever autocast the caller is in, the blocks sharing one
+        :class:`Scratch`."""
+        unknown = set(want) - {"score", "word_max"}
+        if unknown:
+            raise ValueError(f"grid computes score and word_max, not {', '.join(sorted(unknown))}")
+        (n_t, m, d), (n_i, n) = words.tokens.shape, regions.tokens.shape[:2]
+        device = words.tokens.device
+        out = {name: torch.full((n_t, n_i) + ((m,) if name == "word_max" else ()), math.nan, device=device) for name in want}
+        if not n_t or not n_i:
+            return out
+        lengths = (words.mask * torch.arange(1, m + 1, device=device)).amax(1)  # last real position + 1
+        order = torch.argsort(lengths, stable=True)
+        text_block = min(n_t, GRID_TEXT_BLOCK)
+        budget = GRID_BLOCK_ELEMENTS if device.type == "cpu" else PAIR_BLOCK_ELEMENTS  # accelerators: fewer, larger blocks
+        image_block = min(n_i, max(1, budget // (text_block * max(m, n) * max(2 * d, n))))
+        image_block = -(-n_i // -(-n_i // image_block))  # as many blocks, of equal sizes
+        boundary, cfg = self.boundary(), self.config
+        fp32 = lambda x: x.float() if x.is_floating_point() else x  # noqa: E731 (a no-op on fp32 parts)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # fp32 under any training autocast, as evaluation
+            words, regions = words.map(fp32), regions.map(fp32)
+            scratch = Scratch()  # the blocks' intermediates, reused from block to block
+            for start in range(0, n_t, text_block):
+                rows = order[start: start + text_block]
+                length = max(1, int(lengths[rows].max()))
+                w = words.map(lambda x: x[rows, :length])
+                for i in range(0, n_i, image_block):
+                    r = regions.map(lambda x: x[i: i + image_block])
+                    fused_words, fused_regions = self.cga.grid(w, r, scratch)
+                    t, c = fused_words.shape[:2]
+                    mask = w.mask.unsqueeze(1).expand(t, c, length).reshape(t * c, length)
+                    score, word_max = pnaa_scores(fused_words.view(t * c, length, d), fused_regions.reshape(t * c, n, d), mask,
+                                                  boundary, cfg.pnaa_scale, cfg.relevance, scratch)
+                    if "score" in out:
+                        out["score"][rows, i: i + c] = score.view(t, c)
+                    if "word_max" in out:
+                        out["word_max"][rows, i: i + c, :length] = word_max.view(t, c, length)
+        return out
 
     def pairs(self, words: Words, regions: Regions, text_idx: torch.Tensor, image_idx: torch.Tensor) -> tuple[PnaaOutput, Fused]:
-        """The listed (text, image) pairs only."""
-        return self.pair(words.map(lambda x: x[text_idx]), regions.map(lambda x: x[image_idx]))
+        """The listed (text, image) pairs only. The parts are gathered with ``index_select``: its
+        gradient (``index_add_``) sums repeated indices in a fixed order, where advanced indexing's
+        (``index_put_`` with accumulate) adds them atomically from several threads on the CPU once
+        a tensor reaches 32,768 elements, in an order that changes from run to run."""
+        return self.pair(words.map(lambda x: x.index_select(0, text_idx)), regions.map(lambda x: x.index_select(0, image_idx)))
 
     # --- training -----------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> LossOutput:
         cfg = self.config
-        texts = self.backbone.encode_text(batch.text, tokens=True)
+        texts = self.backbone.encode_text(trim_text_ids(self.backbone, batch.text), tokens=True)
         images = self.backbone.encode_image(batch.images, tokens=True)
         ia, ia_rows = info_nce(texts.embedding, images.embedding, 1 / cfg.temperature)  # L_IA
         words, regions = self.parts(texts, images)
@@ -159,8 +212,9 @@ class PmpGuard(Method):
             full = self.grid(words, regions, ("score", "word_max"))
             off = full["score"].masked_fill(eye, -math.inf)
             hard_image, hard_text = off.argmax(1), off.argmax(0)
-        arange = torch.arange(n, device=ia.device)
-        out, fused = self.pairs(words, regions, torch.cat([arange, arange, hard_text]), torch.cat([arange, hard_image, arange]))
+        # the 3B pairs (i, i), (i, hardest image), (hardest text, i): only the hardest are gathered (index_select, see pairs)
+        out, fused = self.pair(words.map(lambda x: torch.cat([x, x, x.index_select(0, hard_text)])),
+                               regions.map(lambda x: torch.cat([x, x.index_select(0, hard_image), x])))
         positive, neg_image, neg_text = out.score.split(n)
         pa_rows = triplet(positive, neg_image, neg_text, cfg.margin)
         loss = ia + cfg.loss_weight * pa_rows.sum()  # L_PA sums over the batch (VSE++ / NAAF)

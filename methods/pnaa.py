@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 MASKED = -1e4  # a finite "minus infinity" for softmax logits (finite in fp16 / bf16 as well)
+SAFE_EXPONENT = 60.0  # exp(-60) = 8.8e-27: exponentials of fp32 logits shifted by at most this stay normal numbers
+SAFE_SCALE = 40.0  # exp(40) = 2.4e17: unshifted exponentials of lambda x, |x| <= 1, neither overflow nor underflow
 
 
 def gaussian_boundary(mu_pos: float, sd_pos: float, mu_neg: float, sd_neg: float, alpha: float) -> float | None:
@@ -106,22 +108,38 @@ def pnaa(words: torch.Tensor, regions: torch.Tensor, word_mask: torch.Tensor, bo
     their cosine. n_i = min(0, max_j s_ij - t); p_i^f = cos(u_i, sum_j w_ij v_j) with
     w_ij proportional to exp(scale (s_ij - t)) over the regions above t (0 when none is);
     p_i^r = sum_j softmax_j(scale * l2norm_over_words(LeakyReLU_0.1(s_ij))) s_ij.
+
+    Computed as written up to float rounding, value and gradient, rearranged: s_ij from the
+    unnormalised features and their norms (no normalised copies); p_i^f = sum_j e_ij s_ij /
+    |sum_j e_ij v_j / |v_j|| for any e_ij proportional to w_ij (the weights' normalisation and any
+    constant factor cancel; e_ij = [s_ij > t] exp(scale s_ij) while scale <= SAFE_SCALE in fp32,
+    else shifted by the row's max); masks as float products, not boolean selections. t enters p^f
+    only through the mask, as in the softmax form, which is invariant to the shift by t.
     """
-    words, regions = F.normalize(words, dim=-1), F.normalize(regions, dim=-1)
-    sim = words @ regions.transpose(-1, -2)  # [..., m, n]
+    # s_ij = (u_i . v_j) / (|u_i| |v_j|): F.normalize's x / max(|x|, 1e-12), without normalised copies of the features
+    inv_regions = 1 / torch.linalg.vector_norm(regions, dim=-1).clamp_min(1e-12)
+    sim = (words @ regions.transpose(-1, -2)) * (1 / torch.linalg.vector_norm(words, dim=-1).clamp_min(1e-12)).unsqueeze(-1) \
+        * inv_regions.unsqueeze(-2)  # [..., m, n]
     real = word_mask.to(sim.dtype)
     word_max = sim.max(dim=-1).values
-    negative = (word_max - boundary).clamp(max=0)  # (b)
-    shifted = sim - boundary  # t is a float or a 0-d tensor (the learnable variant)
-    above = shifted > 0
-    weights = torch.softmax(torch.where(above, scale * shifted, MASKED), dim=-1) * above.any(-1, keepdim=True)
-    context = weights @ regions  # (c): zero for a word with no region above t
-    positive = (words * context).sum(-1) / context.norm(dim=-1).clamp_min(1e-8)
+    negative = (word_max - boundary).clamp(max=0)  # (b); t is a float or a 0-d tensor (the learnable variant)
+    threshold = boundary.detach() if isinstance(boundary, torch.Tensor) else boundary
+    above = torch.gt(sim.detach(), threshold, out=torch.empty_like(sim, requires_grad=False))
+    if scale <= SAFE_SCALE and sim.dtype in (torch.float32, torch.float64):  # (exp(40) overflows half precision)
+        weights = torch.exp(sim * scale) * above
+        floor = (1e-8 * weights.detach().sum(-1)).clamp_min_(torch.finfo(sim.dtype).tiny)
+    else:
+        weights = torch.exp((sim - word_max.detach().unsqueeze(-1)) * scale) * above
+        floor = 1e-8 * weights.detach().sum(-1).clamp_min_(1.0)  # >= 1 when a region is above t
+    context = (weights * inv_regions.unsqueeze(-2)) @ regions  # (c): sum_j e_ij v_j / |v_j|, zero for a word with no region above t
+    positive = (weights * sim).sum(-1) / context.norm(dim=-1).clamp_min(floor)  # |context| / sum_j e_ij clamped at 1e-8
     per_word = negative + positive
     if relevance:  # SCAN's normalisation: over the (real) words of each region
         relu = F.leaky_relu(sim, 0.1) * real.unsqueeze(-1)
-        relu = relu / (relu.norm(dim=-2, keepdim=True) + 1e-8)
-        per_word = per_word + (torch.softmax(scale * relu, dim=-1) * sim).sum(-1)
+        # the norm over words as a sum of squares (linalg's norm over dim -2 is slow on the CPU); the floor keeps the
+        # gradient finite where a whole column is 0, as the norm's is
+        norm = relu.square().sum(-2, keepdim=True).clamp_min(1e-30).sqrt()
+        per_word = per_word + (torch.softmax(relu * (scale / (norm + 1e-8)), dim=-1) * sim).sum(-1)
     count = real.sum(-1).clamp_min(1.0)
     return PnaaOutput(
         score=(per_word * real).sum(-1) / count,  # (d)
@@ -129,3 +147,71 @@ def pnaa(words: torch.Tensor, regions: torch.Tensor, word_mask: torch.Tensor, bo
         negative_mass=-(negative * real).sum(-1),
         word_max=word_max,
     )
+
+
+class Scratch:
+    """Output buffers that the blocks of one all-pairs grid reuse (``out=``), one per role, grown
+    when a block needs more: fresh multi-megabyte temporaries per block cost more in page faults
+    than the arithmetic that fills them. Each tensor handed out is overwritten whole by the
+    operation it is the output of; hand-outs under one name alias, so a name is reused only once
+    its previous tensor is no longer needed."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+@torch.no_grad()
+def pnaa_scores(words: torch.Tensor, regions: torch.Tensor, word_mask: torch.Tensor, boundary: float | torch.Tensor,
+                scale: float = 20.0, relevance: bool = True, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_PN [P], word_max [P, m]) of :func:`pnaa` for P pairs of unnormalised fused features
+    ``words`` [P, m, d] and ``regions`` [P, n, d], ``word_mask`` [P, m]: the same quantities up to
+    float rounding, without autograd, rearranged so that no normalised copy of the features is
+    made and no softmax is taken over the short region axis:
+
+    - s_ij = (u_i . v_j) / (|u_i| |v_j|): one product, then the row and column scales;
+    - p_i^f = cos(u_i, sum_j w_ij v_j / |v_j|) = sum_j e_ij s_ij / |sum_j e_ij v_j / |v_j||, for any
+      e_ij proportional to w_ij: the softmax's normalisation (and any constant factor) cancels.
+      e_ij = [s_ij > t] exp(lambda s_ij) while lambda <= SAFE_SCALE (|lambda s_ij| <= lambda, no
+      overflow), else exp(lambda (s_ij - max_j s_ij)), the softmax's own shift;
+    - p_i^r's softmax is exp(x) / sum exp(x) without the shift, as |x| <= lambda (the relu's
+      entries are at most its norm over words), under the same bound.
+
+    ``scratch``: buffers shared with the other blocks of a grid (:class:`Scratch`).
+    """
+    scratch = scratch or Scratch()
+    (p, m, d), n = words.shape, regions.shape[1]
+    real = word_mask.to(words.dtype)
+    inv_words = torch.linalg.vector_norm(words, dim=-1).clamp_min_(1e-12).reciprocal_()  # F.normalize's eps
+    inv_regions = torch.linalg.vector_norm(regions, dim=-1).clamp_min_(1e-12).reciprocal_()
+    sim = torch.bmm(words, regions.transpose(1, 2), out=scratch.take("sim", (p, m, n), words))
+    sim.mul_(inv_words.unsqueeze(-1)).mul_(inv_regions.unsqueeze(-2))  # [P, m, n]
+    word_max = sim.amax(dim=-1)
+    per_word = (word_max - boundary).clamp_(max=0)  # (b) n_i
+    plain = scale <= SAFE_SCALE and sim.dtype in (torch.float32, torch.float64)
+    weights = scratch.take("weights", (p, m, n), sim)
+    (torch.mul(sim, scale, out=weights) if plain else torch.sub(sim, word_max.unsqueeze(-1), out=weights).mul_(scale)).exp_()
+    weights.mul_(torch.gt(sim, boundary, out=scratch.take("mask", (p, m, n), sim)))  # (c): regions above t (float: bool is slow here)
+    total = weights.sum(-1)
+    agreement = torch.linalg.vecdot(weights, sim)
+    context = torch.bmm(weights.mul_(inv_regions.unsqueeze(-2)), regions, out=scratch.take("context", (p, m, d), sim))  # sum_j e_ij v_j / |v_j|
+    # |context| / sum_j e_ij is the normalised context's norm, clamped at 1e-8 as pnaa clamps it; no region above t: p = 0
+    floor = (1e-8 * total).clamp_min_(torch.finfo(sim.dtype).tiny) if plain else 1e-8 * total.clamp_min_(1.0)
+    per_word += agreement.div_(torch.linalg.vector_norm(context, dim=-1).clamp_min_(floor))  # p_i^f
+    if relevance:  # SCAN's normalisation over the real words of each region, then lambda-softmax over regions
+        relu = torch.maximum(sim, torch.mul(sim, 0.1, out=weights), out=weights).mul_(real.unsqueeze(-1))  # LeakyReLU_0.1 = max(s, 0.1 s)
+        squares = torch.mul(relu, relu, out=scratch.take("mask", (p, m, n), sim))
+        relu.mul_((scale / (squares.sum(-2).sqrt_() + 1e-8)).unsqueeze(-2))  # (a norm over dim -2 is slow on the CPU)
+        if plain:
+            relu.exp_()
+            per_word += torch.linalg.vecdot(relu, sim).div_(relu.sum(-1))  # p_i^r
+        else:
+            per_word += torch.linalg.vecdot(torch.softmax(relu, dim=-1), sim)
+    score = torch.linalg.vecdot(per_word, real) / real.sum(-1).clamp_min(1.0)  # (d)
+    return score, word_max

@@ -37,9 +37,10 @@ TINY_RECIPE = PretrainRecipe(n_images=96, epochs=2, batch_size=48, warmup_steps=
 LEARNING_RECIPE = PretrainRecipe(n_images=384, epochs=8, batch_size=64, lr=2e-3, warmup_steps=6)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def tiny_cache(tmp_path_factory, monkeypatch) -> Path:
-    """RSNC_BENCH_CACHE in a folder of the session, with the tiny recipe as tiny-clip's (built once)."""
+    """Every test: RSNC_BENCH_CACHE in a folder of the session (never the user's cache), with the
+    tiny recipe as tiny-clip's, so a test that reaches the default preset builds it in seconds."""
     from rsnc_bench import pretrain
 
     home = tmp_path_factory.getbasetemp() / "rsnc-cache"

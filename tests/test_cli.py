@@ -163,8 +163,8 @@ def test_run_help_shows_every_default_and_the_non_paper_ones():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert GridConfig().noise_protocol == "rrsitr"  # the field's protocol (protocol.md 4.1), as the README says
-    for shown in ["[default: * (every registered method)]", "[default: synthetic]", "[default: tiny-vit]",
-                  "[default: 0.0,0.4,0.8]", "[default: rrsitr]", "[default: 42]", "[default: 3]", "[default: runs]"]:
+    for shown in ["[default: * (every registered method)]", "[default: synthetic]", "[default: tiny-clip]",
+                  "[default: 0.0,0.4,0.8]", "[default: rrsitr]", "[default: 42]", "[default: 3,13,25]", "[default: runs]"]:
         assert shown in text, shown
     for name, hints in TRAIN_HINTS.items():  # every budget value a preset changes
         assert f"{name}: " + ", ".join(f"{k} {v:g}" for k, v in hints.items()) in text

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, EpochContext
+from rsnc_bench.methods import METHODS, Batch, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
 
 from .token_stub import TokenBackbone, token_batch
@@ -124,6 +124,77 @@ def test_paper_defaults():
     cfg = iebaker.config_type()
     assert (cfg.drop_ratio, cfg.drop_epoch, cfg.ker_weight, cfg.fusion_alpha, cfg.sar) == (0.01, 4, 0.5, 0.6, False)
     assert ebaker.train_defaults["epochs"] == 7 and ebaker.train_defaults["lr"] == 1.5e-5
+
+
+def reference_training_loss(method: Ebaker, batch: Batch) -> torch.Tensor:
+    """The EBAKER objective at epoch 1 (nothing eliminated) the straightforward way: separate
+    text-tower calls for the caption and its masked copy, the local score in its direct form, the
+    KER head through nn.MultiheadAttention at every position and F.cross_entropy on full logits."""
+    from methods.keywords import mlm_loss
+
+    backbone, head = method.backbone, method.ker
+    texts, images = backbone.encode_text(batch.text, tokens=True), backbone.encode_image(batch.images, tokens=True)
+    s_global = F.normalize(texts.embedding, dim=-1) @ F.normalize(images.embedding, dim=-1).T
+    t, v = F.normalize(texts.tokens, dim=-1), F.normalize(images.tokens, dim=-1)
+    scale = math.exp(2.996)  # global logit scale and kappa, both ~20
+    s_local = scale * (torch.einsum("apd,bqd->abpq", t, v).square().sum((2, 3)) + 1e-6).sqrt()
+    target = torch.arange(len(s_global))
+    ce = lambda logits: F.cross_entropy(logits, target)  # noqa: E731
+    alignment = ce(scale * s_global) + ce(scale * s_global.T) + ce(s_local) + ce(s_local.T)
+    masked = backbone.encode_text(method.ker_ids[batch.rows], tokens=True).tokens
+    image = head.ln_pre_i(images.tokens)
+    x = head.cross_attn(head.ln_pre_t(masked), image, image, need_weights=False)[0]
+    for block in head.blocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False)[0]
+        x = x + block.mlp(block.ln_2(x))
+    return alignment + 0.5 * mlm_loss(head.mlm(head.ln_post(x)), method.ker_labels[batch.rows])
+
+
+@pytest.mark.parametrize("method_name", ["ebaker", "iebaker"])
+def test_training_loss_equals_the_straightforward_computation(method_name):
+    """The optimised training step (one text-tower call for both sequences, the packed Gram local
+    score, the pruned KER head, the fused vocabulary cross-entropy) against the reference: loss and
+    every parameter's gradient, on a real open_clip backbone and tokenizer."""
+    from rsnc_bench.backbones import BackboneConfig, build_backbone
+
+    torch.manual_seed(0)
+    cls = METHODS.get(method_name)
+    method = cls(build_backbone(BackboneConfig("tiny-vit")), cls.config_type()).train()
+    captions = ["many planes are parked near the airport terminal", "a red roof beside green trees",
+                "two storage tanks next to a road", "a runway near a large airport with planes"]
+    method.prepare(captions)
+    method.start_epoch(ctx(1, n_rows=4))
+    rows = torch.arange(4)
+    batch = Batch(torch.randn(4, 3, 48, 48), method.backbone.tokenize(captions), rows, rows)
+    assert int((method.ker_labels != 0).sum()) >= 8
+    params = [p for p in method.parameters() if p.requires_grad]
+    got = method.training_loss(batch).loss
+    want = reference_training_loss(method, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, params, allow_unused=True), torch.autograd.grad(want, params, allow_unused=True)):
+        assert (g is None) == (w is None)
+        if g is not None:  # float rounding, relative to the largest entry of the parameter's gradient
+            assert (g - w).abs().max() <= 1e-5 * w.abs().max() + 1e-8
+
+
+def test_restricted_vocabulary_is_an_option_off_by_default():
+    """NON-PAPER ker_vocab="labels": the MLM softmax over the token ids that occur as labels."""
+    from rsnc_bench.backbones import BackboneConfig, build_backbone
+
+    assert EbakerConfig().ker_vocab == "full" and METHODS.get("iebaker").config_type().ker_vocab == "full"
+    with pytest.raises(ConfigError, match="choose one of full, labels"):
+        EbakerConfig(ker_vocab="keywords")
+    torch.manual_seed(0)
+    method = Ebaker(build_backbone(BackboneConfig("tiny-vit")), EbakerConfig(ker_vocab="labels")).train()
+    captions = ["planes near the airport", "a red roof near trees"]
+    method.prepare(captions)
+    labels = method.ker_labels[method.ker_labels != 0]
+    assert method.ker_vocab_ids.tolist() == sorted(set(labels.tolist()))
+    method.start_epoch(ctx(1, n_rows=2))
+    rows = torch.arange(2)
+    out = method.training_loss(Batch(torch.randn(2, 3, 48, 48), method.backbone.tokenize(captions), rows, rows))
+    assert 0 < out.logs["mlm"] < math.log(len(method.ker_vocab_ids)) + 1  # a softmax over a handful of ids, not 49,408
 
 
 SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")

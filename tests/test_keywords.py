@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.keywords import (
-    MASK_ID, KerHead, QuickGELU, head_count, ker_loss, keyword_statistics, keyword_vocabulary, mask_keywords, mlm_loss,
+    MASK_ID, KerHead, LogitWorkspace, QuickGELU, attend, head_count, ker_loss, keyword_statistics, keyword_vocabulary,
+    linear_cross_entropy, mask_keywords, mlm_loss, query_slots,
 )
 from rsnc_bench.errors import ConfigError
 
@@ -270,3 +271,144 @@ def test_ker_loss_projects_only_labelled_positions_and_equals_the_full_mlm_loss(
     empty = ker_loss(head, text, image, torch.zeros_like(labels))
     empty.backward()
     assert empty.item() == 0.0
+
+
+# ----------------------------------------------------------------------------- the optimised KER computation
+# Each rewritten piece against the straightforward computation it replaces, loss and gradients.
+
+def grads(loss: torch.Tensor, tensors) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True))
+
+
+def assert_grads_close(got, want, rtol=1e-5, atol=1e-6):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, 40, (9,))
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    want_loss = F.cross_entropy(F.linear(hidden, weight, bias), labels)
+    want = grads(3 * want_loss, inputs)
+    workspace = LogitWorkspace()
+    for _ in range(3):  # the buffer is taken, given back by the backward and taken again
+        loss = linear_cross_entropy(hidden, weight, bias, labels, workspace)
+        torch.testing.assert_close(loss, want_loss)
+        assert_grads_close(grads(3 * loss, inputs), want)
+    assert workspace.free is not None
+    loss = linear_cross_entropy(hidden, weight, bias, labels)  # no workspace: a fresh buffer
+    assert_grads_close(grads(3 * loss, inputs), want)
+
+
+def test_linear_cross_entropy_keeps_a_loss_whose_probability_underflows():
+    """A target logit ~1000 below the row maximum: its probability is 0 in fp32, the loss is recomputed from the logits."""
+    hidden = torch.tensor([[10.0, 0.0], [0.1, 0.2]], requires_grad=True)
+    weight = torch.tensor([[100.0, 0.0], [0.0, 1.0], [-1.0, 0.5]], requires_grad=True)
+    labels = torch.tensor([2, 1])
+    want = F.cross_entropy(hidden @ weight.T, labels)
+    got = linear_cross_entropy(hidden, weight, None, labels, LogitWorkspace())
+    assert want.item() > 500 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert_grads_close(grads(got, [hidden, weight]), grads(want, [hidden, weight]))
+
+
+def test_linear_cross_entropy_under_autocast_matches_the_half_precision_linear():
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(6, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True), torch.randn(30, requires_grad=True)
+    labels = torch.randint(0, 30, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
+        got = linear_cross_entropy(hidden, weight, bias, labels, LogitWorkspace())
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert_grads_close(grads(got, [hidden, weight, bias]), grads(want, [hidden, weight, bias]), rtol=1e-2, atol=1e-3)
+
+
+def test_linear_cross_entropy_buffer_is_not_reused_under_a_live_graph():
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(4, 5, requires_grad=True), torch.randn(12, 5, requires_grad=True)
+    labels = torch.randint(0, 12, (4,))
+    workspace = LogitWorkspace()
+    with torch.no_grad():  # no graph: the buffer goes straight back
+        linear_cross_entropy(hidden, weight, None, labels, workspace)
+    assert workspace.free is not None
+    first = linear_cross_entropy(hidden, weight, None, labels, workspace)
+    second = linear_cross_entropy(2 * hidden, weight, None, labels, workspace)  # first still holds its buffer
+    want = grads(F.cross_entropy(hidden @ weight.T, labels), [hidden, weight])
+    assert_grads_close(grads(first, [hidden, weight]), want)
+    second.backward(retain_graph=True)
+    second.backward()  # no forward in between: its buffer is intact
+    third = linear_cross_entropy(hidden, weight, None, labels, workspace)
+    third.backward(retain_graph=True)
+    linear_cross_entropy(hidden, weight, None, labels, workspace)  # takes the buffer third gave back
+    with pytest.raises(RuntimeError, match="second backward"):
+        third.backward()
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attend_equals_the_multihead_attention_module(cross):
+    torch.manual_seed(3)
+    attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    query = torch.randn(3, 7, 16, requires_grad=True)
+    key_value = torch.randn(3, 5, 16, requires_grad=True) if cross else query
+    want = attn(query, key_value, key_value, need_weights=False)[0]
+    got = attend(attn, query, key_value)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(want)
+    inputs = [query, *list(attn.parameters())] + ([key_value] if cross else [])
+    assert_grads_close(grads((got * weights).sum(), inputs), grads((want * weights).sum(), inputs))
+
+
+def test_query_slots_list_positions_in_row_major_order():
+    positions = torch.tensor([[False, True, False, True], [False, False, False, False], [True, True, True, False]])
+    index, valid = query_slots(positions)
+    values = torch.arange(12).view(3, 4)
+    assert index.shape == (3, 3)
+    assert values.gather(1, index)[valid].tolist() == values[positions].tolist() == [1, 3, 8, 9, 10]
+
+
+def reference_logits(head: KerHead, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The KER head the straightforward way: nn.MultiheadAttention modules, every position."""
+    image = head.ln_pre_i(image)
+    x = head.cross_attn(head.ln_pre_t(text), image, image, need_weights=False)[0]
+    for block in head.blocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False)[0]
+        x = x + block.mlp(block.ln_2(x))
+    return head.mlm(head.ln_post(x))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_ker_loss_equals_the_full_head_and_cross_entropy(layers):
+    """The pruned last block, the batch-first attention and the fused vocabulary cross-entropy
+    against the head run at every position and F.cross_entropy on its full logits."""
+    torch.manual_seed(4)
+    head = KerHead(16, vocab_size=300, heads=4, layers=layers)
+    text, image = torch.randn(4, 9, 16, requires_grad=True), torch.randn(4, 5, 16, requires_grad=True)
+    labels = torch.zeros(4, 9, dtype=torch.long)
+    labels[0, 2], labels[0, 7], labels[2, 0], labels[2, 1], labels[2, 8], labels[3, 4] = 7, 299, 11, 3, 5, 7  # row 1: none
+    inputs = [text, image, *head.parameters()]
+    want = mlm_loss(reference_logits(head, text, image), labels)
+    got = ker_loss(head, text, image, labels)
+    torch.testing.assert_close(got, want)
+    assert_grads_close(grads(got, inputs), grads(want, inputs))
+    torch.testing.assert_close(head(text, image, labels != 0), reference_logits(head, text, image)[labels != 0])
+
+
+def test_ker_loss_restricted_vocabulary_is_the_softmax_over_those_ids():
+    """NON-PAPER ker_vocab="labels": the softmax over the given ids only; with every id, the full loss."""
+    torch.manual_seed(5)
+    head = KerHead(16, vocab_size=50, heads=4)
+    text, image = torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+    labels = torch.zeros(2, 6, dtype=torch.long)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 7, 30, 7
+    vocab = torch.tensor([3, 7, 30])
+    logits = reference_logits(head, text, image)[labels != 0][:, vocab]
+    want = F.cross_entropy(logits, torch.tensor([1, 2, 1]))
+    torch.testing.assert_close(ker_loss(head, text, image, labels, vocab), want)
+    torch.testing.assert_close(ker_loss(head, text, image, labels, torch.arange(50)), ker_loss(head, text, image, labels))
+    with pytest.raises(ConfigError, match="not among the vocabulary ids"):
+        ker_loss(head, text, image, labels, torch.tensor([3, 7]))

@@ -1,5 +1,6 @@
 """PMPGuard (reconstructed) against methods.md section 5: CGA, the PNAA boundary and branches, the
-pair-wise scorer (chunked, top K), the mined-pair gradient, the clean-ness signal, and a short noisy
+pair-wise scorer (chunked, top K) and its optimised forms against the equations written out pair by
+pair, the mined-pair gradient, the clean-ness signal, run-to-run repeatability, and a short noisy
 training run."""
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import methods.pmpguard as pmp
 from methods.cga import CrossGatedAttention
-from methods.pnaa import BoundaryEstimate, gaussian_boundary, pnaa
+from methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
@@ -179,12 +181,124 @@ def test_chunked_scoring_equals_unchunked_and_the_per_pair_loop(monkeypatch):
     texts, images = features(7, 6, 8, 1, padded=True), features(5, 4, 8, 2)
     with torch.no_grad():
         whole = m.score(texts, images)
-        monkeypatch.setattr(pmp, "PAIR_BLOCK_ELEMENTS", 6 * 8 * 3)  # 3 pairs per block
+        monkeypatch.setattr(pmp, "GRID_TEXT_BLOCK", 2)
+        monkeypatch.setattr(pmp, "GRID_BLOCK_ELEMENTS", 2 * 6 * 16 * 2)  # 2 texts x 2 images per block
         blocks = m.score(texts, images)
         loop = brute_force(m, texts, images)
     assert whole.shape == (7, 5)
     torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loop, whole, atol=1e-5, rtol=1e-5)
+
+
+def reference_pair(cga: CrossGatedAttention, u: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, boundary: float,
+                   scale: float, relevance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_PN, word maxima) of one pair straight from methods.md 5.3-5.4: the gates over the
+    concatenations [u ; v~] and [v ; u~], softmaxes as written, normalised copies, the positive
+    weights as a softmax over the regions above t, word by word."""
+    aff = F.normalize(u, dim=-1) @ cga.affinity @ F.normalize(v, dim=-1).T
+    alpha = torch.softmax(cga.scale * aff, dim=1)
+    beta = torch.softmax(cga.scale * aff[mask], dim=0)  # over real words only
+    v_ctx, u_ctx = alpha @ v, beta.T @ u[mask]
+    g_u = torch.sigmoid(cga.word_gate(torch.cat([u, v_ctx], -1)))
+    g_v = torch.sigmoid(cga.region_gate(torch.cat([v, u_ctx], -1)))
+    un, vn = F.normalize(g_u * u + (1 - g_u) * v_ctx, dim=-1), F.normalize(g_v * v + (1 - g_v) * u_ctx, dim=-1)
+    s = un @ vn.T
+    word_max = s.max(1).values
+    per_word = []
+    for i in range(len(s)):
+        above = s[i] > boundary
+        context = torch.zeros_like(vn[0])
+        if above.any():
+            context = torch.softmax(scale * (s[i][above] - boundary), dim=0) @ vn[above]
+        p = (un[i] @ context) / context.norm().clamp_min(1e-8)
+        if relevance:
+            relu = F.leaky_relu(s, 0.1) * mask[:, None]
+            relu = relu / (relu.norm(dim=0, keepdim=True) + 1e-8)
+            p = p + torch.softmax(scale * relu[i], dim=0) @ s[i]
+        per_word.append((word_max[i] - boundary).clamp(max=0) + p)
+    return torch.stack(per_word)[mask].mean(), word_max
+
+
+def reference_grid(m: pmp.PmpGuard, texts: Features, images: Features, boundary: float) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg, n_t, n_i = m.config, len(texts.tokens), len(images.tokens)
+    score, word_max = torch.empty(n_t, n_i), torch.full((n_t, n_i, texts.tokens.shape[1]), math.nan)
+    for a in range(n_t):
+        for b in range(n_i):
+            score[a, b], word_max[a, b] = reference_pair(m.cga, texts.tokens[a], texts.mask[a], images.tokens[b], boundary,
+                                                         cfg.pnaa_scale, cfg.relevance)
+    return score, word_max
+
+
+@pytest.mark.parametrize("affinity_std, scale", [(0.3, 20.0), (3.0, 50.0)])  # the shared exponential / plain softmaxes
+@pytest.mark.parametrize("boundary", [0.0, 0.35])
+@pytest.mark.parametrize("relevance", [True, False])
+def test_grid_equals_the_equations_pair_by_pair(monkeypatch, affinity_std, scale, boundary, relevance):
+    """The optimised all-pairs scorer (length-ordered text blocks cut to their longest text, one
+    affinity product, batched gate products, PNAA rearranged) against the equations per pair, in
+    any block size; the larger W_a takes the guarded path with the two softmaxes."""
+    m = method(pnaa_scale=scale, relevance=relevance).eval()
+    with torch.no_grad():
+        nn.init.normal_(m.cga.affinity, std=affinity_std)
+        for gate in (m.cga.word_gate, m.cga.region_gate):
+            nn.init.normal_(gate.weight, std=0.3)
+    m.estimate.safe = boundary  # the evaluation boundary
+    texts, images = features(7, 7, 8, 11, padded=True), features(5, 5, 8, 12)
+    texts.mask[4, 1] = False  # a hole inside a caption: padding need not be a tail
+    with torch.no_grad():
+        words, regions = m.parts(texts, images)  # the words cut to the longest caption (6 of 7 positions)
+        shared = 2 * float((m.cga.scale * words.affinity).norm(dim=-1).max()) <= SAFE_EXPONENT
+        assert shared == (affinity_std < 1)
+        expected, expected_max = reference_grid(m, texts, images, boundary)
+        real = words.mask.unsqueeze(1).expand(-1, len(images.tokens), -1)
+        for text_block, elements in [(8, 2**20), (2, 2 * 7 * 16 * 2), (1, 7 * 16)]:
+            monkeypatch.setattr(pmp, "GRID_TEXT_BLOCK", text_block)
+            monkeypatch.setattr(pmp, "GRID_BLOCK_ELEMENTS", elements)
+            out = m.grid(words, regions, ("score", "word_max"))
+            torch.testing.assert_close(out["score"], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out["word_max"][real], expected_max[:, :, :real.shape[-1]][real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.score(texts, images), expected, atol=1e-5, rtol=1e-5)
+
+
+def softmax_form_pnaa(words, regions, word_mask, boundary, scale, relevance):
+    """PNAA as first written: normalised copies, the positive weights a masked softmax."""
+    words, regions = F.normalize(words, dim=-1), F.normalize(regions, dim=-1)
+    sim = words @ regions.transpose(-1, -2)
+    real = word_mask.to(sim.dtype)
+    word_max = sim.max(dim=-1).values
+    negative = (word_max - boundary).clamp(max=0)
+    above = sim - boundary > 0
+    weights = torch.softmax(torch.where(above, scale * (sim - boundary), MASKED), dim=-1) * above.any(-1, keepdim=True)
+    context = weights @ regions
+    per_word = negative + (words * context).sum(-1) / context.norm(dim=-1).clamp_min(1e-8)
+    if relevance:
+        relu = F.leaky_relu(sim, 0.1) * real.unsqueeze(-1)
+        relu = relu / (relu.norm(dim=-2, keepdim=True) + 1e-8)
+        per_word = per_word + (torch.softmax(scale * relu, dim=-1) * sim).sum(-1)
+    count = real.sum(-1).clamp_min(1.0)
+    return (per_word * real).sum(-1) / count, ((word_max < boundary).to(sim.dtype) * real).sum(-1) / count, -(negative * real).sum(-1)
+
+
+@pytest.mark.parametrize("scale", [20.0, 50.0])
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.9])
+def test_pnaa_equals_the_softmax_form_in_value_and_gradient(scale, t):
+    """The training path's PNAA (no normalised copies, unnormalised positive weights, float
+    masks) against the softmax form, gradients included, the learnable boundary's among them."""
+    g = torch.Generator().manual_seed(int(10 * t + scale))
+    words = torch.randn(6, 7, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    regions = torch.randn(6, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(6, 7, generator=g) > 0.3
+    mask[:, 0] = True
+    boundary = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, generator=g, dtype=torch.float64)
+    for relevance in (True, False):
+        ours = pnaa(words, regions, mask, boundary, scale, relevance)
+        score, below, negative_mass = softmax_form_pnaa(words, regions, mask, boundary, scale, relevance)
+        for a, b in [(ours.score, score), (ours.below, below), (ours.negative_mass, negative_mass)]:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        params = [words, regions, boundary]
+        for a, b in zip(torch.autograd.grad((ours.score * weight).sum() + ours.negative_mass.sum(), params),
+                        torch.autograd.grad((score * weight).sum() + negative_mass.sum(), params)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_fusion_alpha_mixes_in_the_global_cosine():
@@ -216,14 +330,15 @@ def test_top_k_rescores_only_the_first_stage_candidates():
 
 # --- training ----------------------------------------------------------------------------------
 def dense_reference_loss(m: pmp.PmpGuard, batch) -> torch.Tensor:
-    """L_IA + lambda L_PA with the whole B x B PNAA matrix under autograd."""
+    """L_IA + lambda L_PA with the whole B x B PNAA matrix under autograd, each pair scored from
+    the equations (:func:`reference_pair`)."""
     from rsnc_bench.methods import info_nce
 
     texts = m.backbone.encode_text(batch.text, tokens=True)
     images = m.backbone.encode_image(batch.images, tokens=True)
-    words, regions = m.parts(texts, images)
-    s = m.pair(words.map(lambda x: x.unsqueeze(1)), regions.map(lambda x: x.unsqueeze(0)))[0].score
-    n = len(s)
+    n, boundary = len(texts.tokens), float(m.boundary())
+    s = torch.stack([torch.stack([reference_pair(m.cga, texts.tokens[a], texts.mask[a], images.tokens[b], boundary, 20.0, True)[0]
+                                  for b in range(n)]) for a in range(n)])
     off = s.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf)
     pos = s.diagonal()
     pa = ((0.2 - pos + off.max(1).values).clamp_min(0) + (0.2 - pos + off.max(0).values).clamp_min(0)).sum()
@@ -242,6 +357,79 @@ def test_mined_pairs_give_the_full_matrix_gradient():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class WideTokenBackbone(nn.Module):
+    """A token stub large enough that the mined pairs' gathered parts exceed the 32,768 elements
+    above which the CPU's accumulating index_put_ runs in parallel: 12 word positions (padded by
+    row), 16 regions, 32 channels."""
+
+    embed_dim = 32
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.text = nn.Parameter(torch.randn(rows, 12, self.embed_dim))
+        self.image = nn.Parameter(torch.randn(rows, 16, self.embed_dim))
+
+    def encode_text(self, ids, tokens=False):
+        t = self.text[ids[:, 0]]
+        mask = torch.arange(t.shape[1]) < (4 + ids[:, :1] % 8)
+        return Features(t.mean(1), t, mask)
+
+    def encode_image(self, images, tokens=False):
+        v = self.image[images[:, 0, 0, 0].long()]
+        return Features(v.mean(1), v, torch.ones(v.shape[:2], dtype=torch.bool))
+
+
+def train_briefly(steps: int = 4, rows: int = 96, batch: int = 48) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    m = pmp.PmpGuard(WideTokenBackbone(rows), pmp.PmpGuardConfig(boundary_min_samples=20, boundary_window=200))
+    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    order = torch.Generator().manual_seed(1)
+    record = []
+    for _ in range(steps):
+        out = m.training_loss(token_batch(torch.randperm(rows, generator=order)[:batch].tolist()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        record += [out.loss.detach(), torch.tensor(out.logs["boundary"])]
+    return record + [p.detach().clone() for p in m.parameters()] + list(m.signals.values())
+
+
+def test_training_repeats_exactly_with_two_threads():
+    """Same seed, same thread count: the same losses, boundary and weights, bit for bit. The
+    mined pairs' parts used to be gathered by advanced indexing, whose gradient (index_put_ with
+    accumulate) adds repeated rows atomically from several threads once a tensor reaches 32,768
+    elements, in an order that changed from run to run (a default-grid pmpguard cell gave 25.60
+    and 23.82 mR in two runs); they are gathered by index_select now."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = train_briefly(), train_briefly()
+    finally:
+        torch.set_num_threads(threads)
+    assert 3 * 48 * 11 * 32 >= 32768  # the gathered parts are large enough to take the parallel path
+    assert first[7] != 0.0  # the boundary was fitted (from step 3), so its samples are part of what repeats
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_text_ids_are_cut_to_the_longest_caption_for_a_causal_tower():
+    from rsnc_bench.backbones import BackboneConfig, build_backbone
+
+    torch.manual_seed(0)
+    clip = build_backbone(BackboneConfig("tiny-b32")).eval()
+    ids = clip.tokenize(["a harbor with two boats", "three tanks", "a wide river beside a small farmland"])
+    cut = pmp.trim_text_ids(clip, ids)
+    longest = int((ids != 0).sum(1).max())
+    assert ids.shape[1] == 77 and cut.shape[1] == longest and torch.equal(cut, ids[:, :longest])
+    with torch.no_grad():
+        full, short = clip.encode_text(ids, tokens=True), clip.encode_text(cut, tokens=True)
+    torch.testing.assert_close(short.embedding, full.embedding, atol=1e-5, rtol=1e-5)
+    real = short.mask
+    torch.testing.assert_close(short.tokens[real], full.tokens[:, :longest][real], atol=1e-5, rtol=1e-5)
+    stub_ids = torch.tensor([[3, 0, 0], [4, 0, 0]])
+    assert pmp.trim_text_ids(TokenBackbone(), stub_ids) is stub_ids  # not a causal tower: unchanged
 
 
 def test_pair_scores_logs_and_resume_state():

@@ -302,7 +302,7 @@ def test_shipped_references_load_and_are_package_data():
 
 def test_tiny_run_leaves_a_report(tmp_path, synthetic_root):
     out = tmp_path / "runs"
-    result = run("run", "--methods", "clip-ft,rrsitr-calibrated", "--noise", "0,0.4", "--data-root", synthetic_root,
+    result = run("run", "--backbone", "tiny-vit", "--methods", "clip-ft,rrsitr-calibrated", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,
                  *TINY, "-t", "epochs=2", "-t", "batch_size=16", "--out", out)
     assert result.exit_code == 0, result.output
     folder = out / "report"

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import methods.clip_pipeline as pipeline
@@ -112,8 +113,52 @@ def test_fused_score_matches_brute_force_in_any_block_size(monkeypatch, keep_pad
     texts, images = features(7, 6, 8, seed=0, padded_from=4), features(5, 4, 8, seed=1)
     want = brute_force_score(texts, images, 0.9, keep_padding)
     assert torch.allclose(method.score(texts, images), want, atol=1e-4)
-    monkeypatch.setattr(pipeline, "GRAM_BLOCK_ELEMENTS", 2 * 8 * 8)  # blocks of 2 rows on both sides
+    monkeypatch.setattr(pipeline, "GRAM_BLOCK_ELEMENTS", 2 * 36)  # blocks of 2 rows on both sides (36 = packed length at D = 8)
     assert torch.allclose(method.score(texts, images), want, atol=1e-4)
+
+
+def test_packed_grams_give_the_full_gram_inner_product():
+    torch.manual_seed(0)
+    text, image = torch.randn(3, 5, 6), torch.randn(4, 7, 6)
+    full = pipeline.token_grams(text) @ pipeline.token_grams(image).T
+    packed = pipeline.packed_grams(text, doubled=True) @ pipeline.packed_grams(image).T
+    assert packed.shape == full.shape and pipeline.packed_grams(text).shape == (3, 6 * 7 // 2)
+    torch.testing.assert_close(packed, full)
+
+
+def test_frobenius_scores_and_gradients_match_the_direct_form(monkeypatch):
+    """The packed Gram form against ||T V^T||_F computed directly, with eps as in training, values
+    and gradients; in one block, and in blocks of 2 rows with the image blocks cached or recomputed."""
+    torch.manual_seed(1)
+    text = F.normalize(torch.randn(5, 6, 8), dim=-1).requires_grad_()
+    image = F.normalize(torch.randn(3, 4, 8), dim=-1).requires_grad_()
+    direct = (torch.einsum("apd,bqd->abpq", text, image).square().sum((2, 3)) + 1e-6).sqrt()
+    weights = torch.randn_like(direct)
+    want = torch.autograd.grad((direct * weights).sum(), (text, image))
+    for block, cache in [(2**26, 2**28), (2 * 36, 2**28), (2 * 36, 0)]:  # 36 = packed length at D = 8
+        monkeypatch.setattr(pipeline, "GRAM_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(pipeline, "GRAM_CACHE_ELEMENTS", cache)
+        got = pipeline.frobenius_scores(text, image, eps=1e-6)
+        torch.testing.assert_close(got, direct)
+        for g, w in zip(torch.autograd.grad((got * weights).sum(), (text, image)), want):
+            torch.testing.assert_close(g, w)
+        with torch.no_grad():
+            torch.testing.assert_close(pipeline.frobenius_scores(text, image), direct.square().sub(1e-6).clamp_min(0).sqrt())
+
+
+def test_encode_text_batches_in_one_call_equals_separate_calls():
+    from rsnc_bench.backbones import BackboneConfig, build_backbone
+
+    torch.manual_seed(2)
+    backbone = build_backbone(BackboneConfig("tiny-vit"))
+    method = Rrsitr(backbone)
+    a, b = backbone.tokenize(["a plane near the runway", "two tanks"]), backbone.tokenize(["a red roof", "trees", "a park"])
+    together = method.encode_text_batches(a, b)
+    for got, ids in zip(together, (a, b)):
+        want = backbone.encode_text(ids, tokens=True)
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.embedding, want.embedding, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.mask, want.mask)
 
 
 def test_local_scale_switches_with_the_training_flag():

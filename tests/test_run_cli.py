@@ -17,8 +17,8 @@ from .test_cli import TINY, assert_user_error, run
 
 def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, synthetic_root):
     out = tmp_path / "runs"
-    result = run("run", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--data-root", synthetic_root, *TINY,
-                 "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
+    result = run("run", "--backbone", "tiny-vit", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,
+                 *TINY, "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
     assert result.exit_code == 0, result.output
     results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "noise" not in p.parts)
     assert results == ["grid.json",
@@ -27,8 +27,8 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     ]
     assert "4 cells run (0 failed), 0 already complete" in result.output
     assert "| clip-ft " in (out / "leaderboard.md").read_text()
-    again = run("run", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--data-root", synthetic_root, *TINY,
-                "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
+    again = run("run", "--backbone", "tiny-vit", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,
+                *TINY, "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
     assert "0 cells run (0 failed), 4 already complete" in again.output
     (out / "leaderboard.md").unlink()
     report = run("report", "--out", out)
@@ -40,7 +40,7 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (["--methods", "clip-fx"], ["unknown method 'clip-fx'", "clip-ft"]),
     (["--datasets", "rsicdd"], ["unknown dataset 'rsicdd'"]),
     (["--backbone", "ViT-B-23"], ["unknown backbone 'ViT-B-23'"]),
-    (["--pretrained", "/nowhere/RemoteCLIP-ViT-B-32.pt"], ["/nowhere/RemoteCLIP-ViT-B-32.pt", "not found"]),
+    (["--backbone", "tiny-b32", "--pretrained", "/nowhere/RemoteCLIP-ViT-B-32.pt"], ["/nowhere/RemoteCLIP-ViT-B-32.pt", "not found"]),
     (["--noise", "0.2,x"], ["noise"]),
     (["--noise", "1.5"], ["outside [0, 1)"]),
     (["-t", "epochz=3"], ["unknown option 'epochz'"]),

@@ -131,3 +131,21 @@ def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthe
     docs, skipped = run_grid(grid)
     assert skipped == 0 and sorted(d["key"]["noise_rate"] for d in docs) == [0.0, 0.4]
     assert all(d["status"] == "complete" and d["environment"]["device"] == "cpu" for d in docs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["clip-ft", "rrsitr", "iebaker", "pmpguard"])
+def test_same_seed_and_thread_count_give_identical_results(tmp_path, synthetic_root, method):
+    """Two runs of one cell from the pretrained preset, in one process with the same thread count
+    (as two grid runs would be), agree exactly: metrics, per-epoch history, detection."""
+    key = CellKey(method, "synthetic", "tiny-clip", "rrsitr", 0.4, 42, 3)
+    cell = CellSpec(key, replace(CellSpec(key).backbone, name="tiny-clip"), data_root=str(synthetic_root),
+                    dataset_options=TINY_OPTS, train_options=("epochs=2", "batch_size=16"))
+    first = run_cell(cell, ResultStore(tmp_path / "a"))
+    second = run_cell(cell, ResultStore(tmp_path / "b"))
+    assert first["status"] == second["status"] == "complete", first.get("error")
+    assert first["environment"]["torch_threads"] == torch.get_num_threads() and first["environment"]["device"] == "cpu"
+    for part in ("test", "test_last", "val", "detection", "selected_epoch"):
+        assert first[part] == second[part], part
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(first["history"]) == strip(second["history"])

@@ -1,0 +1,161 @@
+"""Training throughput of ebaker, iebaker and rrsitr against clip-ft, as ratios measured in one run.
+
+    python benchmarks/ebaker_speed.py                      # tiny-b32, batch 100, prints a Markdown table
+    python benchmarks/ebaker_speed.py --threads 1 --rounds 5
+    python benchmarks/ebaker_speed.py --methods rrsitr,ebaker,ebaker:ker_weight=0,ebaker:ker_vocab=labels
+
+Each method trains on the built-in synthetic dataset (noise-free; data written to a temporary
+folder unless --data-root is given) with the harness's training step: the method's loss, AdamW
+(fused), gradient clipping at 50, fp32 on the CPU. The methods are timed in turns, --steps steps
+each per round, so that load from other processes hits all of them alike; a method's throughput
+is its best round. The table gives samples/s and the ratio to clip-ft.
+
+Before timing, one batch checks that ebaker's optimised KER loss (the caption and its masked copy
+in one text-tower call, the last KER block at the labelled positions only, the fused vocabulary
+cross-entropy) equals the straightforward computation: separate text-tower calls, the head at
+every position, ``F.cross_entropy`` on the full logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsnc_bench.backbones import BackboneConfig, build_backbone
+from rsnc_bench.config import parse_assignments
+from rsnc_bench.data.datasets import DATASETS, get_dataset
+from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
+from rsnc_bench.engine.optim import param_groups
+from rsnc_bench.engine.trainer import _adamw
+from rsnc_bench.methods import METHODS, EpochContext, Method
+
+BASELINE = "clip-ft"
+
+
+class Runner:
+    """One method with its optimiser, stepping through shuffled batches as the trainer does."""
+
+    def __init__(self, name: str, backbone: str, train, captions, batch_size: int, seed: int = 0):
+        torch.manual_seed(seed)
+        method, _, options = name.partition(":")  # "ebaker:ker_vocab=labels": method options after a colon
+        cls = METHODS.get(method)
+        self.name = name
+        config = cls.config_type(**parse_assignments(cls.config_type, [o for o in options.split(":") if o]))
+        self.method: Method = cls(build_backbone(BackboneConfig(backbone)), config)
+        self.train = split_tensors(train, self.method.backbone, None, native=True)
+        if self.method.trains:
+            self.method.prepare(captions)
+        self.optimizer = _adamw(param_groups(self.method, 0.1, self.method.param_groups()), 1e-5)
+        self.method.train()
+        self.method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu")))
+        self.preprocess = Preprocess(self.method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
+        self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
+        self.batch_size, self.next = batch_size, 0
+
+    def step(self) -> None:
+        rows, image_ids = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        batch = make_batch(self.train, rows, image_ids, self.preprocess, torch.device("cpu"))
+        out = self.method.training_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.method.parameters(), 50.0)
+        self.optimizer.step()
+        out.loss.item()
+
+    def seconds(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return time.perf_counter() - start
+
+
+def reference_ker_loss(method, batch) -> torch.Tensor:
+    """EBAKER's KER loss the straightforward way (methods.md 4.2), for the equality check."""
+    from methods.keywords import IGNORE_LABEL
+
+    head = method.ker
+    images = method.backbone.encode_image(batch.images, tokens=True)
+    masked = method.backbone.encode_text(method.ker_ids[batch.rows], tokens=True).tokens
+    labels = method.ker_labels[batch.rows]
+    image = head.ln_pre_i(images.tokens)
+    x = head.cross_attn(head.ln_pre_t(masked), image, image, need_weights=False)[0]
+    for block in head.blocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False)[0]
+        x = x + block.mlp(block.ln_2(x))
+    logits = head.mlm(head.ln_post(x))
+    labelled = labels != IGNORE_LABEL
+    return F.cross_entropy(logits[labelled].float(), labels[labelled])
+
+
+def check_ker(runner: Runner) -> str:
+    from methods.keywords import ker_loss
+
+    method = runner.method
+    rows, image_ids = runner.batches[0]
+    batch = make_batch(runner.train, rows, image_ids, Preprocess(method.backbone, augment=False), torch.device("cpu"))
+    texts, masked = method.encode_text_batches(batch.text, method._masked_ids(batch))
+    images = method.backbone.encode_image(batch.images, tokens=True)
+    fast = ker_loss(method.ker, masked.tokens, images.tokens, method.ker_labels[batch.rows])
+    params = [p for p in method.parameters() if p.requires_grad]
+    fast_grads = torch.autograd.grad(fast, params, allow_unused=True)
+    slow = reference_ker_loss(method, batch)
+    slow_grads = torch.autograd.grad(slow, params, allow_unused=True)
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                for a, b in zip(fast_grads, slow_grads) if a is not None and b is not None)
+    n_labelled = int((method.ker_labels[batch.rows] != 0).sum())
+    assert abs(fast.item() - slow.item()) <= 1e-5 * abs(slow.item()) and worst < 1e-4, (fast.item(), slow.item(), worst)
+    return (f"KER loss on one batch ({n_labelled} labelled positions): optimised {fast.item():.6f}, straightforward "
+            f"{slow.item():.6f}; largest gradient difference {worst:.1e} of the parameter's largest gradient")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tiny-b32")
+    parser.add_argument("--methods", default="rrsitr,ebaker,iebaker",
+                        help=f"timed against {BASELINE}; options after colons, e.g. ebaker:ker_vocab=labels")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--n-train", type=int, default=200, help="synthetic train images (5 captions each)")
+    parser.add_argument("--steps", type=int, default=8, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--no-check", action="store_true", help="skip the KER equality check")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dataset = get_dataset("synthetic", **parse_assignments(DATASETS.get("synthetic").Options, [f"n_train={args.n_train}"]))
+    data = dataset.load(args.data_root or tempfile.mkdtemp(prefix="rsnc-ebaker-speed-"))
+    train = data["train"]
+    names = [BASELINE] + [m for m in args.methods.split(",") if m and m != BASELINE]
+    runners = {name: Runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
+    kers = [name for name in names if getattr(runners[name].method, "ker", None) is not None]
+    notes = [] if args.no_check or not kers else [check_ker(runners[kers[0]])]
+    for runner in runners.values():  # warm-up: first-touch allocations, thread pools
+        runner.seconds(2)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            times[name].append(runner.seconds(args.steps) / args.steps)
+
+    rate = {name: args.batch_size / min(t) for name, t in times.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.backbone}, batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps per method (best round; median in brackets)\n")
+    print(f"| method | samples/s | step ms | relative to {BASELINE} |\n|---|---:|---:|---:|")
+    for name in names:
+        median = statistics.median(times[name]) * 1000
+        print(f"| {name} | {rate[name]:.0f} | {min(times[name]) * 1000:.0f} ({median:.0f}) | {rate[name] / rate[BASELINE]:.2f} |")
+    for note in notes:
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()
