@@ -106,7 +106,7 @@ def noise_show(
 ):
     """Verify a manifest and print its summary and a few noisy rows.
 
-    Example: rsnc-bench noise show noise/synthetic-s0-1000-100-200-128px-dup30/rrsitr-r0.6-s42.json
+    Example: rsnc-bench noise show noise/synthetic-s0-150-100-200-128px-dup30/rrsitr-r0.6-s42.json
     """
     m = NoiseManifest.load(manifest_path)
     typer.echo(f"{manifest_path}: verified (hash {m.content_hash[:16]})")
@@ -194,8 +194,9 @@ def _preset_lines() -> str:
 
 RUN_HELP = f"""Train and evaluate every missing cell of a grid, then print the leaderboard.
 
-    With no arguments: the synthetic dataset, the tiny CPU backbone, every method, noise
-    0.0 / 0.4 / 0.8 with the rrsitr noise protocol, seed 42.
+    With no arguments: every method fine-tuned from the built-in pretrained CPU backbone
+    (tiny-clip, built by `rsnc-bench pretrain` on first use) on the synthetic dataset, noise
+    0.0 / 0.4 / 0.8 with the rrsitr noise protocol (noise seed 42), train seeds 3, 13, 25.
 
     Examples:
       rsnc-bench run
@@ -205,7 +206,7 @@ RUN_HELP = f"""Train and evaluate every missing cell of a grid, then print the l
       rsnc-bench run --config benchmarks/grids/rsicd-subset.yaml --seeds 3
 
     Non-paper defaults (docs/fidelity.md lists every component, paper / reference code / here):
-      training budget of the random-init CPU presets, over each method's paper budget:
+      training budget of the CPU presets, over each method's paper budget:
 {_preset_lines()}
       ebaker, iebaker: EBA bank of one epoch of real similarities (bank_size=0; papers 200000, N(0,1) start);
         KER masks every sub-token of a keyword (ker_faithful_offset=false; the code's off-by-one is an option)

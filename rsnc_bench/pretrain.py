@@ -4,7 +4,7 @@ Every method in the benchmark was built to fine-tune a *pretrained* CLIP. On a C
 stands in for it: the ``tiny-b32`` architecture (ViT-B/32's geometry: 49 patches, 77 text
 positions) trained with CLIP's contrastive loss on a large, clean **source** corpus, the
 synthetic generator's ``source`` domain, which differs from the evaluation target partially,
-the way web image-text data differs from remote-sensing captions (its own seed, three times the
+the way web image-text data differs from remote-sensing captions (its own seed, twenty times the
 target's training images, other phrasings, another look, classes the target lacks and lacks some
 of the target's; see ``rsnc_bench.data.synthetic``).
 
@@ -49,7 +49,7 @@ class PretrainRecipe:
 
     arch: str = "tiny-b32"
     seed: int = 7  # the source corpus and the initialisation; the target's default seed is 0
-    n_images: int = 3000  # 3x the default target's 1,000 training images
+    n_images: int = 3000  # 20x the default target's 150 training images (web corpora dwarf RS caption sets)
     draw_size: int = 128  # drawn at the target's size, then resized to the model's input
     epochs: int = 20
     batch_size: int = 128
