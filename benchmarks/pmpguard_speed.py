@@ -79,7 +79,7 @@ class Runner:
         if name == REFERENCE:
             self.method.grid = types.MethodType(reference_grid, self.method)
             self.method.pairs = types.MethodType(reference_pairs, self.method)
-            self.method.backbone._causal_argmax_pool = lambda: False  # the text tower at every position, as before
+            self.method.backbone.causal_text = lambda: False  # the text tower at every position, as before
         self.train = split_tensors(train, self.method.backbone, None, native=True)
         self.val = split_tensors(val, self.method.backbone, None)
         self.optimizer = _adamw(param_groups(self.method, 0.1, self.method.param_groups()), 1e-5)

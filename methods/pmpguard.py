@@ -28,6 +28,7 @@ from methods.cga import CrossGatedAttention, Fused, Regions, Words
 from methods.clip_pipeline import cosine_matrix
 from methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
 from rsnc_bench.backbones import Features
+from rsnc_bench.backbones.base import trim_padding_columns
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, info_nce
 
@@ -87,11 +88,7 @@ def trim_text_ids(backbone, ids: torch.Tensor) -> torch.Tensor:
     one, so the token features PMPGuard uses (real positions only) and the pooled embedding are the
     full-length ones up to float rounding, for a fraction of the text tower's work. Other towers
     get the ids unchanged."""
-    causal = getattr(backbone, "_causal_argmax_pool", None)
-    if not callable(causal) or not causal():
-        return ids
-    used = (ids != 0).any(0)
-    return ids[:, : int(used.nonzero().max()) + 1] if bool(used.any()) else ids
+    return trim_padding_columns(ids) if getattr(backbone, "causal_text", bool)() else ids
 
 
 def pairs_per_block(words: Words, regions: Regions) -> int:

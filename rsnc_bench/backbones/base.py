@@ -37,6 +37,12 @@ def train_hints(name: str) -> dict:
     return dict(TRAIN_HINTS.get(name, {}))
 
 
+def trim_padding_columns(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids [B, L] without the trailing columns that are padding (0) in every row."""
+    used = (ids != 0).any(0)
+    return ids[:, : int(used.nonzero().max()) + 1] if bool(used.any()) else ids
+
+
 class WeightsNotFoundError(RsncError):
     """A weights file or folder named in the config is absent or unusable."""
 
@@ -92,6 +98,11 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, text: torch.Tensor, tokens: bool = False) -> Features:
         raise NotImplementedError
+
+    def causal_text(self) -> bool:
+        """True when no real text position depends on the padding after it (a causal text tower
+        with EOT pooling), so the all-padding tail columns may be cut; False unless a family says so."""
+        return False
 
     def image_parameters(self) -> list[nn.Parameter]:
         """Parameters of the image tower (including its projection)."""

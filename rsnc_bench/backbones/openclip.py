@@ -33,7 +33,7 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, trim_padding_columns, Features, WeightsNotFoundError
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError, UnknownNameError
 
@@ -91,10 +91,10 @@ class OpenClipEncoder(DualEncoder):
             if tokens:
                 raise ConfigError("text token features need open_clip's built-in text transformer (CLIP, not CustomTextCLIP)")
             return Features(m.encode_text(text))
-        if not tokens and self._causal_argmax_pool():
+        if not tokens and self.causal_text():
             # Exact speed-up: under a causal mask no position sees the padding after it, so the
             # pooled EOT embedding is the same when the all-padding tail columns are never computed.
-            text = text[:, : int((text != 0).any(0).nonzero().max()) + 1] if bool((text != 0).any()) else text
+            text = trim_padding_columns(text)
         # open_clip's CLIP.encode_text, keeping every position of the final-normalised sequence
         cast, length = m.transformer.get_cast_dtype(), text.shape[1]
         mask = None if m.attn_mask is None else m.attn_mask[:length, :length]
@@ -107,7 +107,9 @@ class OpenClipEncoder(DualEncoder):
             return Features(project(pooled))
         return Features(project(pooled), project(x), text != 0)  # 0 pads after EOT in open_clip's tokenizers
 
-    def _causal_argmax_pool(self) -> bool:
+    def causal_text(self) -> bool:
+        """True when the text tower is causal with EOT (argmax) pooling, as CLIP's is: real positions
+        never see the padding after them, so callers may cut the all-padding tail columns."""
         return self.model.attn_mask is not None and self.model.text_pool_type == "argmax"
 
     def image_parameters(self) -> list[torch.nn.Parameter]:
