@@ -21,59 +21,28 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
-from rsnc_bench.engine.optim import param_groups
-from rsnc_bench.engine.trainer import _adamw
-from rsnc_bench.methods import METHODS, EpochContext, Method
+from rsnc_bench.engine.batches import Preprocess, make_batch
+from rsnc_bench.methods import METHODS
+
+from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 BASELINE = "clip-ft"
 
 
-class Runner:
-    """One method with its optimiser, stepping through shuffled batches as the trainer does."""
-
-    def __init__(self, name: str, backbone: str, train, captions, batch_size: int, seed: int = 0):
-        torch.manual_seed(seed)
-        method, _, options = name.partition(":")  # "ebaker:ker_vocab=labels": method options after a colon
-        cls = METHODS.get(method)
-        self.name = name
-        config = cls.config_type(**parse_assignments(cls.config_type, [o for o in options.split(":") if o]))
-        self.method: Method = cls(build_backbone(BackboneConfig(backbone)), config)
-        self.train = split_tensors(train, self.method.backbone, None, native=True)
-        if self.method.trains:
-            self.method.prepare(captions)
-        self.optimizer = _adamw(param_groups(self.method, 0.1, self.method.param_groups()), 1e-5)
-        self.method.train()
-        self.method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu")))
-        self.preprocess = Preprocess(self.method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
-        self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
-        self.batch_size, self.next = batch_size, 0
-
-    def step(self) -> None:
-        rows, image_ids = self.batches[self.next % len(self.batches)]
-        self.next += 1
-        batch = make_batch(self.train, rows, image_ids, self.preprocess, torch.device("cpu"))
-        out = self.method.training_loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.method.parameters(), 50.0)
-        self.optimizer.step()
-        out.loss.item()
-
-    def seconds(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return time.perf_counter() - start
+def make_runner(name: str, backbone: str, train, captions, batch_size: int, seed: int = 0) -> StepRunner:
+    """``name`` is a method, optionally with options after colons: "ebaker:ker_vocab=labels"."""
+    torch.manual_seed(seed)
+    method, _, options = name.partition(":")
+    cls = METHODS.get(method)
+    config = cls.config_type(**parse_assignments(cls.config_type, [o for o in options.split(":") if o]))
+    return StepRunner(name, cls(build_backbone(BackboneConfig(backbone)), config), train, batch_size, 50.0, captions, seed)
 
 
 def reference_ker_loss(method, batch) -> torch.Tensor:
@@ -95,7 +64,7 @@ def reference_ker_loss(method, batch) -> torch.Tensor:
     return F.cross_entropy(logits[labelled].float(), labels[labelled])
 
 
-def check_ker(runner: Runner) -> str:
+def check_ker(runner: StepRunner) -> str:
     from methods.keywords import ker_loss
 
     method = runner.method
@@ -136,7 +105,7 @@ def main() -> None:
     data = dataset.load(args.data_root or tempfile.mkdtemp(prefix="rsnc-ebaker-speed-"))
     train = data["train"]
     names = [BASELINE] + [m for m in args.methods.split(",") if m and m != BASELINE]
-    runners = {name: Runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
+    runners = {name: make_runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
     kers = [name for name in names if getattr(runners[name].method, "ker", None) is not None]
     notes = [] if args.no_check or not kers else [check_ker(runners[kers[0]])]
     for runner in runners.values():  # warm-up: first-touch allocations, thread pools

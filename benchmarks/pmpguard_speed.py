@@ -31,17 +31,16 @@ import tempfile
 import time
 import types
 
-import numpy as np
 import torch
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
+from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.evaluate import encode_split, score_blocks
-from rsnc_bench.engine.optim import param_groups
-from rsnc_bench.engine.trainer import _adamw
-from rsnc_bench.methods import METHODS, EpochContext, Method
+from rsnc_bench.methods import METHODS, Method
+
+from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 BASELINE = "clip-ft"
 REFERENCE = "pmpguard (straightforward)"
@@ -68,46 +67,20 @@ def reference_pairs(self, words, regions, text_idx, image_idx):
     return self.pair(words.map(lambda x: x[text_idx]), regions.map(lambda x: x[image_idx]))
 
 
-class Runner:
-    """One method with its optimiser, stepping through shuffled batches as the trainer does."""
+class Runner(StepRunner):
+    """A training StepRunner that also scores the val split; REFERENCE runs the replaced scorer."""
 
     def __init__(self, name: str, backbone: str, train, val, batch_size: int, seed: int = 0):
         torch.manual_seed(seed)
         cls = METHODS.get(name.split()[0])
-        self.name = name
-        self.method: Method = cls(build_backbone(BackboneConfig(backbone)), cls.config_type())
+        method: Method = cls(build_backbone(BackboneConfig(backbone)), cls.config_type())
         if name == REFERENCE:
-            self.method.grid = types.MethodType(reference_grid, self.method)
-            self.method.pairs = types.MethodType(reference_pairs, self.method)
-            self.method.backbone.causal_text = lambda: False  # the text tower at every position, as before
-        self.train = split_tensors(train, self.method.backbone, None, native=True)
-        self.val = split_tensors(val, self.method.backbone, None)
-        self.optimizer = _adamw(param_groups(self.method, 0.1, self.method.param_groups()), 1e-5)
-        self.method.train()
-        self.method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu")))
-        self.preprocess = Preprocess(self.method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
-        self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
-        self.batch_size, self.next = batch_size, 0
+            method.grid = types.MethodType(reference_grid, method)
+            method.pairs = types.MethodType(reference_pairs, method)
+            method.backbone.causal_text = lambda: False  # the text tower at every position, as before
+        super().__init__(name, method, train, batch_size, 2.0, seed=seed)
+        self.val = split_tensors(val, method.backbone, None)
         self.features = None
-
-    def batch(self, index: int):
-        rows, image_ids = self.batches[index % len(self.batches)]
-        return make_batch(self.train, rows, image_ids, self.preprocess, torch.device("cpu"))
-
-    def step(self) -> None:
-        self.next += 1
-        out = self.method.training_loss(self.batch(self.next - 1))
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.method.parameters(), 2.0)
-        self.optimizer.step()
-        out.loss.item()
-
-    def seconds(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return time.perf_counter() - start
 
     def score_seconds(self) -> tuple[float, int]:
         """One scoring pass over the val split as the evaluator makes it; (seconds, pairs)."""

@@ -96,7 +96,7 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
     from rsnc_bench.backbones import BackboneConfig, build_backbone
     from rsnc_bench.engine.batches import Preprocess
     from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
-    from rsnc_bench.engine.trainer import _adamw
+    from rsnc_bench.engine.trainer import adamw
 
     torch.manual_seed(recipe.seed)
     encoder = build_backbone(BackboneConfig(recipe.arch))
@@ -105,7 +105,7 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
     rng = np.random.RandomState(recipe.seed)
     steps_per_epoch = recipe.n_images // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
-    optimizer = _adamw(param_groups(encoder.model, recipe.weight_decay), recipe.lr)
+    optimizer = adamw(param_groups(encoder.model, recipe.weight_decay), recipe.lr)
     encoder.train()
     with tqdm(total=total, desc=progress, unit="step", disable=None) as bar:
         for epoch in range(recipe.epochs):

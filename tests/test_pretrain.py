@@ -3,7 +3,9 @@ a verified cache that rebuilds when absent, stale or corrupt, and a pretrained s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ def _weights(encoder) -> dict[str, torch.Tensor]:
 
 def test_pretraining_is_deterministic_per_seed_and_moves_the_weights():
     first, again = pretrain.pretrain(TINY_RECIPE), pretrain.pretrain(TINY_RECIPE)
-    other = pretrain.pretrain(pretrain.PretrainRecipe(**{**TINY_RECIPE.__dict__, "seed": TINY_RECIPE.seed + 1}))
+    other = pretrain.pretrain(dataclasses.replace(TINY_RECIPE, seed=TINY_RECIPE.seed + 1))
     a, b, c = _weights(first), _weights(again), _weights(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -75,7 +77,6 @@ def test_cache_is_reused_then_rebuilt_when_corrupt_or_absent(tiny_cache, capsys)
     pretrain.ensure_checkpoint("tiny-clip")
     assert "another recipe" in capsys.readouterr().err
 
-    import shutil
     shutil.rmtree(folder)
     pretrain.ensure_checkpoint("tiny-clip")
     assert "not built yet" in capsys.readouterr().err and weights.read_bytes() == good

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rsnc_bench.backbones import BackboneConfig
 from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
 from rsnc_bench.grid import GridConfig, run_grid
 from rsnc_bench.methods import METHODS, LossOutput
@@ -139,7 +140,7 @@ def test_same_seed_and_thread_count_give_identical_results(tmp_path, synthetic_r
     """Two runs of one cell from the pretrained preset, in one process with the same thread count
     (as two grid runs would be), agree exactly: metrics, per-epoch history, detection."""
     key = CellKey(method, "synthetic", "tiny-clip", "rrsitr", 0.4, 42, 3)
-    cell = CellSpec(key, replace(CellSpec(key).backbone, name="tiny-clip"), data_root=str(synthetic_root),
+    cell = CellSpec(key, BackboneConfig("tiny-clip"), data_root=str(synthetic_root),
                     dataset_options=TINY_OPTS, train_options=("epochs=2", "batch_size=16"))
     first = run_cell(cell, ResultStore(tmp_path / "a"))
     second = run_cell(cell, ResultStore(tmp_path / "b"))

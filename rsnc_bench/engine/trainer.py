@@ -49,7 +49,7 @@ class TrainConfig:
             raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
 
 
-def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW (default betas, eps 1e-8), fused where torch supports it (several times faster on CPU)."""
     try:
         return torch.optim.AdamW(groups, lr=lr, eps=1e-8, fused=True)
@@ -120,7 +120,7 @@ class Trainer:
         if steps == 0:
             raise ConfigError(f"{len(self.rows)} train rows make no full batch of {cfg.batch_size}; lower batch_size")
         groups = param_groups(self.method, cfg.weight_decay, self.method.param_groups())
-        optimizer = _adamw(groups, cfg.lr)
+        optimizer = adamw(groups, cfg.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         order_gen = torch.Generator().manual_seed(self.seed)
         augment_gen = torch.Generator().manual_seed(self.seed + 1)
