@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +44,19 @@ def bicubic_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in
     """[B, out_size, in_size] resampling matrices that take pixels [start, start + length) of an
     axis of ``in_size`` pixels to ``out_size`` pixels: PIL's antialiased bicubic resize (a = -0.5,
     support 2, widened by the scale factor when shrinking, weights normalised per output pixel
-    over the crop; Pillow's ImagingResample), applied to a crop without cutting it out."""
-    start, length = start.double().view(-1, 1, 1), length.double().view(-1, 1, 1)
+    over the crop; Pillow's ImagingResample), applied to a crop without cutting it out. Boxes are
+    whole pixels, so a batch repeats few (start, length) pairs: each is computed once per process."""
+    pairs = torch.stack([start.long().cpu(), length.long().cpu()], 1).tolist()
+    return torch.stack([_axis_weights(s, n, out_size, in_size) for s, n in pairs]).to(start.device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_weights(start: int, length: int, out_size: int, in_size: int) -> torch.Tensor:
+    """One [out_size, in_size] matrix of ``bicubic_weights``, computed in float64."""
     scale = length / out_size
-    widen = scale.clamp_min(1.0)
-    centre = start + (torch.arange(out_size, dtype=torch.float64, device=start.device).view(1, -1, 1) + 0.5) * scale
-    pixel = torch.arange(in_size, dtype=torch.float64, device=start.device).view(1, 1, -1)
+    widen = max(scale, 1.0)
+    centre = start + (torch.arange(out_size, dtype=torch.float64).view(-1, 1) + 0.5) * scale
+    pixel = torch.arange(in_size, dtype=torch.float64).view(1, -1)
     x = ((pixel + 0.5 - centre) / widen).abs()
     a = -0.5  # Keys' cubic with PIL's a; torch's non-antialiased bicubic uses -0.75
     w = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, torch.zeros_like(x)))
