@@ -236,6 +236,7 @@ def run(
     method_opt: Optional[List[str]] = typer.Option(None, "--method-opt", "-m", help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable."),
     out: Optional[Path] = typer.Option(None, "--out", help="Result folder." + _default("out")),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N." + _default("device")),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Cells run at once: 0 is one per GPU, or on a CPU one per core, each single-threaded." + _default("workers")),
     force: bool = typer.Option(False, "--force", help="Rerun cells that are already complete."),
 ):
     """Train and evaluate every missing cell of a grid, then print the leaderboard (help: RUN_HELP)."""
@@ -248,7 +249,7 @@ def run(
         backbone_options=backbone_opt or None, noise=noise, noise_protocol=noise_protocol, noise_seeds=noise_seeds,
         seeds=seeds, data_root=None if data_root is None else str(data_root), layout=layout,
         dataset_options=dataset_opt or None, train=train_opt or None, method_options=method_opt or None,
-        out=None if out is None else str(out), device=device, force=force or None,
+        out=None if out is None else str(out), device=device, workers=workers, force=force or None,
     )
     grid = load_grid(config, cli_values)
     docs, skipped = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))

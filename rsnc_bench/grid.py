@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import WeightsNotFoundError, describe_backbones
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.cell import CellSpec, method_config, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, load_data, method_config, run_cell, train_config
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, check_rate
 from rsnc_bench.pretrain import RECIPES, ensure_checkpoint
+from rsnc_bench.progress import bar, silence
 from rsnc_bench.store import CellKey, ResultStore
 
 
@@ -91,21 +91,37 @@ def expand(grid: GridConfig) -> list[CellSpec]:
     return cells
 
 
-def devices_for(name: str) -> list[str]:
-    """One entry per worker: every visible GPU for ``auto``/``cuda`` with several, else one device."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if name == "auto":
-        return ["cpu"]
-    return [name]
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_plan(device: str, workers: int = 0) -> tuple[list[str], int | None]:
+    """(the device of each worker, torch threads per worker; None: torch's default).
+
+    ``workers`` 0 means one worker per visible GPU for ``auto``/``cuda``, and on a CPU one per
+    core, each single-threaded: tiny cells use two threads at about 65 % efficiency, so two
+    one-thread cells at once finish about 1.3x sooner than one after another, and a cell's numbers
+    are then the same on any core count (results record the thread count)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [gpus[i % len(gpus)] for i in range(workers or len(gpus))], None
+    name = "cpu" if device == "auto" else device
+    if torch.device(name).type != "cpu":
+        return [name] * max(1, workers), None
+    cores = usable_cores()
+    count = workers or cores
+    return ["cpu"] * count, max(1, cores // count)
 
 
 _WORKER_DEVICE: str | None = None
 
 
-def _claim_device(queue) -> None:
+def _start_worker(queue, threads: int | None) -> None:
     global _WORKER_DEVICE
     _WORKER_DEVICE = queue.get()
+    if threads:
+        torch.set_num_threads(threads)
+    silence()  # the parent shows the cells' bar
 
 
 def _run_in_worker(spec: CellSpec, root: str) -> dict:
@@ -126,7 +142,7 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
         todo.append(spec)
     for name in {spec.key.backbone for spec in todo} & set(RECIPES):
         ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
-    devices = devices_for(grid.device)
+    devices, threads = worker_plan(grid.device, grid.workers)
     docs = []
     if len(devices) == 1 or len(todo) <= 1:
         device = None if grid.device == "auto" else devices[0]
@@ -134,11 +150,13 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             docs.append(run_cell(spec, store, device))
             on_done(docs[-1])
         return docs, len(cells) - len(todo)
+    for spec in todo:
+        load_data(spec)  # a synthetic dataset is drawn here, once, not by several workers at a time
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = context.Manager().Queue()
     for device in devices:
         queue.put(device)
-    with ProcessPoolExecutor(len(devices), mp_context=context, initializer=_claim_device, initargs=(queue,)) as pool:
+    with ProcessPoolExecutor(len(devices), mp_context=context, initializer=_start_worker, initargs=(queue, threads)) as pool:
         futures = [pool.submit(_run_in_worker, spec, str(store.root)) for spec in todo]
         for future in _progress(as_completed(futures), total=len(futures)):
             docs.append(future.result())
@@ -147,4 +165,4 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
 
 
 def _progress(items, total: int | None = None):
-    return tqdm(items, total=total, desc="cells", unit="cell", disable=None)
+    return bar(items, total=total, desc="cells", unit="cell")

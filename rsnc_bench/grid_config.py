@@ -41,7 +41,12 @@ class GridConfig:
     method_options: tuple[str, ...] = ()  # method:name=value
     out: str = "runs"
     device: str = "auto"  # auto, cpu, cuda, cuda:1
+    workers: int = 0  # cells at once; 0: one per GPU, or on a CPU one per core, each single-threaded
     force: bool = False
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}; use 0 (one per GPU or CPU core) or a positive count")
 
     def backbone_config(self, name: str) -> BackboneConfig:
         return BackboneConfig(name, self.pretrained, self.quick_gelu, self.freeze_image, self.freeze_text, self.backbone_options)
@@ -68,6 +73,11 @@ def _coerce(name: str, value: Any, where: str):
     if typing.get_origin(kind) is not tuple:
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false")
+        if kind is int:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {name} must be a whole number, e.g. {name}: 2") from None
         return value if kind is bool else str(value)
     item = typing.get_args(kind)[0]
     if isinstance(value, dict):

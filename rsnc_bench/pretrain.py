@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from rsnc_bench import __version__
 from rsnc_bench.errors import ConfigError
+from rsnc_bench.progress import bar
 
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
 CONFIG_NAME = "open_clip_config.json"
@@ -83,7 +83,7 @@ def source_corpus(recipe: PretrainRecipe, size: int) -> tuple[torch.Tensor, list
 
     images = np.empty((recipe.n_images, size, size, 3), dtype=np.uint8)
     captions = []
-    for index in tqdm(range(recipe.n_images), desc="drawing the source corpus", unit="img", leave=False, disable=None):
+    for index in bar(range(recipe.n_images), desc="drawing the source corpus", unit="img", leave=False):
         _, image, texts = draw_image(recipe.seed, index, recipe.draw_size, 0.0, domain="source")
         images[index] = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None))
         captions.append(texts)
@@ -107,7 +107,7 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
     total = steps_per_epoch * recipe.epochs
     optimizer = adamw(param_groups(encoder.model, recipe.weight_decay), recipe.lr)
     encoder.train()
-    with tqdm(total=total, desc=progress, unit="step", disable=None) as bar:
+    with bar(total=total, desc=progress, unit="step") as steps_bar:
         for epoch in range(recipe.epochs):
             order = rng.permutation(recipe.n_images)
             picks = rng.randint(5, size=recipe.n_images)
@@ -125,8 +125,8 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
                 optimizer.step()
                 with torch.no_grad():
                     encoder.model.logit_scale.clamp_(0, np.log(100))  # CLIP's clamp
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+                steps_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                steps_bar.update()
     return encoder.eval()
 
 

@@ -10,7 +10,9 @@ import torch
 
 from rsnc_bench.backbones import BackboneConfig
 from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
-from rsnc_bench.grid import GridConfig, run_grid
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.grid import GridConfig, run_grid, usable_cores
+from rsnc_bench.grid_config import load_grid
 from rsnc_bench.methods import METHODS, LossOutput
 from rsnc_bench.store import CellKey, ResultStore
 
@@ -78,6 +80,18 @@ def test_clip_ft_learns_and_records_everything(tmp_path, synthetic_root):
     assert not ResultStore(tmp_path).checkpoint_dir(spec(synthetic_root).key).exists()  # cleaned up
 
 
+def test_selected_weights_are_kept_in_memory_and_written_on_request(tmp_path, synthetic_root):
+    """A short cell writes no checkpoint while it trains (checkpoint_seconds), yet tests the
+    selected epoch; keep_checkpoints writes that epoch's weights at the end."""
+    cell = spec(synthetic_root, epochs=4)
+    cell = replace(cell, train_options=cell.train_options + ("keep_checkpoints=true", "checkpoint_seconds=3600"))
+    store = ResultStore(tmp_path)
+    doc = run_cell(cell, store)
+    folder = store.checkpoint_dir(cell.key)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt"]
+    assert torch.load(folder / "best.pt", weights_only=False)["epoch"] == doc["selected_epoch"]
+
+
 def test_train_config_layers(tmp_path, synthetic_root):
     plain = train_config(replace(spec(synthetic_root), train_options=()))
     assert plain.lr == 2e-3 and plain.batch_size == 64  # tiny-vit's preset hints over clip-ft's paper budget
@@ -95,6 +109,7 @@ def test_oracle_trains_on_clean_rows_only(tmp_path, synthetic_root):
 def test_interrupted_cell_resumes_and_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     store = ResultStore(tmp_path / "a")
     interrupted = spec(synthetic_root, method="test-interrupted", rate=0.4)
+    interrupted = replace(interrupted, train_options=interrupted.train_options + ("checkpoint_seconds=0",))  # every epoch
     with pytest.raises(Interrupt):
         run_cell(interrupted, store)
     assert store.read(interrupted.key) is None
@@ -108,7 +123,7 @@ def test_interrupted_cell_resumes_and_matches_an_uninterrupted_run(tmp_path, syn
 
 
 def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root):
-    grid = GridConfig(methods=("test-broken", "test-nan", "zeroshot"), noise=(0.0,), seeds=(1,), noise_seeds=(0,),
+    grid = GridConfig(methods=("test-broken", "test-nan", "zeroshot"), noise=(0.0,), seeds=(1,), noise_seeds=(0,), workers=1,
                       data_root=str(synthetic_root), dataset_options=TINY_OPTS, train=("epochs=1", "batch_size=16"), out=str(tmp_path))
     docs, skipped = run_grid(grid)
     status = {d["key"]["method"]: d for d in docs}
@@ -126,12 +141,34 @@ def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root
 def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthetic_root, monkeypatch):
     import rsnc_bench.grid as grid_module
 
-    monkeypatch.setattr(grid_module, "devices_for", lambda name: ["cpu", "cpu"])  # stands in for two GPUs
+    monkeypatch.setattr(grid_module, "worker_plan", lambda name, workers: (["cpu", "cpu"], None))  # stands in for two GPUs
     grid = GridConfig(methods=("zeroshot",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cuda",
                       data_root=str(synthetic_root), dataset_options=TINY_OPTS, out=str(tmp_path))
     docs, skipped = run_grid(grid)
     assert skipped == 0 and sorted(d["key"]["noise_rate"] for d in docs) == [0.0, 0.4]
     assert all(d["status"] == "complete" and d["environment"]["device"] == "cpu" for d in docs)
+
+
+def test_cpu_workers_are_one_per_core_and_single_threaded(monkeypatch):
+    import rsnc_bench.grid as grid_module
+
+    monkeypatch.setattr(grid_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(grid_module, "usable_cores", lambda: 4)
+    assert grid_module.worker_plan("auto") == (["cpu"] * 4, 1)
+    assert grid_module.worker_plan("cpu", 2) == (["cpu"] * 2, 2)
+    assert grid_module.worker_plan("auto", 1) == (["cpu"], 4)
+    assert load_grid(None, {"workers": "3"}).workers == 3
+    with pytest.raises(ConfigError, match="workers must be a whole number"):
+        load_grid(None, {"workers": "two"})
+
+
+def test_cpu_worker_processes_record_one_thread(tmp_path, synthetic_root):
+    grid = GridConfig(methods=("clip-ft",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cpu", workers=2,
+                      backbones=("tiny-vit",), data_root=str(synthetic_root), dataset_options=TINY_OPTS,
+                      train=("epochs=1", "batch_size=16"), out=str(tmp_path))
+    docs, _ = run_grid(grid)
+    assert [d["status"] for d in docs] == ["complete", "complete"]
+    assert {d["environment"]["torch_threads"] for d in docs} == {max(1, usable_cores() // 2)}
 
 
 @pytest.mark.slow

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from rsnc_bench.data.split import Split
 from rsnc_bench.errors import ImageReadError
+from rsnc_bench.progress import bar
 
 CACHE_VERSION = "1"  # bump when the decode / resize rule changes
 
@@ -138,7 +138,7 @@ class SplitImages:
             try:
                 with ThreadPoolExecutor(self.workers) as pool:
                     decoded = pool.map(self._load, range(self.split.n_images))
-                    for i, pixels in enumerate(tqdm(decoded, total=self.split.n_images, desc=f"caching {self.split.name} images", unit="img", leave=False, disable=None)):
+                    for i, pixels in enumerate(bar(decoded, total=self.split.n_images, desc=f"caching {self.split.name} images", unit="img", leave=False)):
                         array[i] = pixels
                 array.flush()
                 del array

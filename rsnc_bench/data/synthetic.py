@@ -26,12 +26,12 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from rsnc_bench import __version__
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, data_home
 from rsnc_bench.data.formats import Layout
 from rsnc_bench.errors import ConfigError
+from rsnc_bench.progress import bar
 
 JSON_NAME = "dataset_synthetic.json"
 STAMP_NAME = "synthetic_options.json"
@@ -510,7 +510,7 @@ def write_dataset(root: Path, options: SyntheticOptions) -> None:
     plan = [("train", options.n_train), ("val", options.n_val), ("test", options.n_test)]
     total = sum(n for _, n in plan)
     entries, index = [], 0
-    with tqdm(total=total, desc=f"drawing synthetic dataset ({options.slug()})", unit="img", leave=False, disable=None) as bar:
+    with bar(total=total, desc=f"drawing synthetic dataset ({options.slug()})", unit="img", leave=False) as progress:
         for split, n in plan:
             for _ in range(n):
                 cls, image, captions = draw_image(options.seed, index, options.image_size, options.dup_fraction, options.domain)
@@ -523,7 +523,7 @@ def write_dataset(root: Path, options: SyntheticOptions) -> None:
                                   for cap, s in zip(captions, sentids)],
                 })
                 index += 1
-                bar.update()
+                progress.update()
     (tmp / JSON_NAME).write_text(json.dumps({"images": entries, "dataset": "synthetic"}))
     (tmp / STAMP_NAME).write_text(json.dumps({"options": asdict(options), "rsnc_bench": __version__}, indent=2))
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,11 @@ def _load(name: str, root: str | None, layout: str | None, options: tuple[str, .
     return dataset_spec, dataset_spec.load(root, layout=layout)
 
 
+def load_data(spec: CellSpec):
+    """(dataset spec, loaded dataset) of a cell, once per process (a synthetic dataset is drawn on first use)."""
+    return _load(spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options)
+
+
 def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_dir: Path) -> tuple[NoiseManifest, Path]:
     """The cell's manifest: loaded when saved before (and checked against the train rows), else made and saved."""
     path = manifest_path(noise_dir / label, key.noise_protocol, key.noise_rate, key.noise_seed)
@@ -113,7 +118,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     tconfig = train_config(spec)
     if device_name:
         tconfig = dataclasses.replace(tconfig, device=device_name)
-    dataset_spec, data = _load(key.dataset, spec.data_root, spec.layout, spec.dataset_options)
+    dataset_spec, data = load_data(spec)
     label = dataset_spec.label(spec.layout)
     manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
     train_split = manifest.apply(data["train"])

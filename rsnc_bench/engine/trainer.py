@@ -5,6 +5,7 @@ protocol.md 6)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -21,6 +22,7 @@ from rsnc_bench.engine.evaluate import evaluate
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import EpochContext, Method
+from rsnc_bench.progress import bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -41,6 +43,7 @@ class TrainConfig:
     augment: bool = True  # RandomResizedCrop 0.9-1.0, no flip (methods.md 2.6)
     eval_chunk: int = 1024
     keep_checkpoints: bool = False  # keep best.pt after the cell completes
+    checkpoint_seconds: float = 30.0  # write the resume checkpoint after an epoch once this long has passed since the last (0: every epoch)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -98,7 +101,9 @@ class Trainer:
     Method state outside parameters and buffers (self-paced bookkeeping) is saved through
     ``nn.Module.get_extra_state`` / ``set_extra_state``, as part of the state dict.
     ``ckpt_dir`` holds ``last.pt`` (everything needed to resume) and ``best.pt`` (the selected
-    weights). ``fingerprint`` identifies the cell: a ``last.pt`` from another config is ignored.
+    weights), written together after an epoch once ``checkpoint_seconds`` have passed since the
+    last write; the selected weights are also kept in memory. ``fingerprint`` identifies the cell:
+    a ``last.pt`` from another config is ignored.
     ``on_epoch(entry)`` lets the caller add per-epoch records (detection metrics).
     """
 
@@ -110,6 +115,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.autocast, self.precision = autocast_for(self.device, config.precision)
         self.method.to(self.device)
+        self._best: dict | None = None  # the selected epoch's state dict, in memory
 
     # --- public -------------------------------------------------------------------------
     def fit(self) -> TrainOutcome:
@@ -126,14 +132,15 @@ class Trainer:
         augment_gen = torch.Generator().manual_seed(self.seed + 1)
         state = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_mr": -math.inf, "train_seconds": 0.0, "samples": 0}
         state = self._resume(state, optimizer, scaler, order_gen, augment_gen)
+        best_unsaved, saved_at = False, time.perf_counter()
         preprocess = Preprocess(self.method.backbone, augment=cfg.augment, generator=augment_gen)
         total = steps * cfg.epochs
-        epochs = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, disable=None, initial=state["epoch"], total=cfg.epochs)
+        epochs = bar(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, initial=state["epoch"], total=cfg.epochs)
         for epoch in epochs:
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device))
             started, losses, logs = time.perf_counter(), [], []
-            for rows, image_ids in tqdm(train_batches(self.train, self.rows, cfg.batch_size, order_gen), desc=f"epoch {epoch}", total=steps, unit="batch", leave=False, disable=None):
+            for rows, image_ids in bar(train_batches(self.train, self.rows, cfg.batch_size, order_gen), desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
                 lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
                 batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
                 with self.autocast():
@@ -158,18 +165,27 @@ class Trainer:
             state["history"].append(entry)
             if val.mr > state["best_mr"]:
                 state["best_mr"], state["best_epoch"] = val.mr, epoch
-                self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self.method.state_dict()})
+                self._best, best_unsaved = copy.deepcopy(self.method.state_dict()), True
             state["epoch"] = epoch
             epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
-            self._save("last.pt", {
-                "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "order_gen": order_gen.get_state(), "augment_gen": augment_gen.get_state(),
-            })
+            if epoch < cfg.epochs and time.perf_counter() - saved_at >= cfg.checkpoint_seconds:
+                if best_unsaved:  # before last.pt: a resumed run must find the best its state names
+                    self._save_best(state["best_epoch"])
+                self._save("last.pt", {
+                    "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "order_gen": order_gen.get_state(), "augment_gen": augment_gen.get_state(),
+                })
+                best_unsaved, saved_at = False, time.perf_counter()
+        if cfg.keep_checkpoints and best_unsaved:
+            self._save_best(state["best_epoch"])
         return TrainOutcome(state["history"], state["best_epoch"], state["train_seconds"], state["samples"], self.precision)
 
     def load_selected(self) -> None:
         """Put the best-val weights back into the method (after ``fit``)."""
+        if self._best is not None:
+            self.method.load_state_dict(self._best)
+            return
         path = self.ckpt_dir / "best.pt"
         if path.exists():
             self.method.load_state_dict(torch.load(path, map_location=self.device, weights_only=False)["model"])  # our own file; may hold extra state
@@ -187,6 +203,9 @@ class Trainer:
         entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
         self.on_epoch(self.method, entry)
         return TrainOutcome([entry], 0, 0.0, 0, self.precision)
+
+    def _save_best(self, epoch: int) -> None:
+        self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self._best})
 
     def _save(self, name: str, payload: dict) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
