@@ -106,7 +106,7 @@ def noise_show(
 ):
     """Verify a manifest and print its summary and a few noisy rows.
 
-    Example: rsnc-bench noise show noise/synthetic-s0-150-100-200-128px-dup30/rrsitr-r0.6-s42.json
+    Example: rsnc-bench noise show noise/synthetic-s0-80-50-150-128px-dup30/rrsitr-r0.6-s42.json
     """
     m = NoiseManifest.load(manifest_path)
     typer.echo(f"{manifest_path}: verified (hash {m.content_hash[:16]})")

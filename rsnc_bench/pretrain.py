@@ -49,7 +49,7 @@ class PretrainRecipe:
 
     arch: str = "tiny-b32"
     seed: int = 7  # the source corpus and the initialisation; the target's default seed is 0
-    n_images: int = 3000  # 20x the default target's 150 training images (web corpora dwarf RS caption sets)
+    n_images: int = 3000  # about 40x the default target's 80 training images (web corpora dwarf RS caption sets)
     draw_size: int = 128  # drawn at the target's size, then resized to the model's input
     epochs: int = 20
     batch_size: int = 128

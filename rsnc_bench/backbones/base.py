@@ -28,7 +28,7 @@ TRAIN_HINTS: dict[str, dict] = {
     "tiny-vit": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
     "minilm": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 6},
     # a pretrained start needs a fine-tuning budget: the from-scratch lr would erase what it learnt
-    "tiny-clip": {"lr": 2e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
+    "tiny-clip": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
 }
 
 
