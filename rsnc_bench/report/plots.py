@@ -128,8 +128,8 @@ def metric_vs_noise(data: ReportData, folder: Path, colours: dict) -> Plot:
         ax.set_xticks(sorted(part["noise_rate"].unique() * 100))
     _legend(fig, axes)
     png, pdf = _save(fig, folder, "metric_vs_noise")
-    return Plot("metric_vs_noise", title, f"mean over runs per method; band = ± one std over seeds; dashed = clip-ft, "
-                                          f"dotted = oracle; × = a reported number", png, pdf)
+    return Plot("metric_vs_noise", title, "mean over runs per method; band = ± one std over seeds; dashed = clip-ft, "
+                                          "dotted = oracle; × = a reported number", png, pdf)
 
 
 def recall_heatmap(data: ReportData, folder: Path) -> Plot:
