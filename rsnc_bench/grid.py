@@ -3,6 +3,7 @@ runner that skips complete cells and keeps going past failed ones."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -146,9 +147,10 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
     docs = []
     if len(devices) == 1 or len(todo) <= 1:
         device = None if grid.device == "auto" else devices[0]
-        for spec in _progress(todo):
-            docs.append(run_cell(spec, store, device))
-            on_done(docs[-1])
+        with _torch_threads(threads):  # a cell left alone trains as it would in a worker: same thread count, same numbers
+            for spec in _progress(todo):
+                docs.append(run_cell(spec, store, device))
+                on_done(docs[-1])
         return docs, len(cells) - len(todo)
     for spec in todo:
         load_data(spec)  # a synthetic dataset is drawn here, once, not by several workers at a time
@@ -162,6 +164,17 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             docs.append(future.result())
             on_done(docs[-1])
     return docs, len(cells) - len(todo)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _progress(items, total: int | None = None):

@@ -169,6 +169,11 @@ def test_cpu_worker_processes_record_one_thread(tmp_path, synthetic_root):
     docs, _ = run_grid(grid)
     assert [d["status"] for d in docs] == ["complete", "complete"]
     assert {d["environment"]["torch_threads"] for d in docs} == {max(1, usable_cores() // 2)}
+    # a single remaining cell runs in this process, on a worker's thread count, which is then restored
+    before = torch.get_num_threads()
+    (alone,), _ = run_grid(replace(grid, seeds=(2,), noise=(0.0,)))
+    assert alone["environment"]["torch_threads"] == max(1, usable_cores() // 2)
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.slow
