@@ -10,7 +10,8 @@ import torch
 
 from rsnc_bench.backbones import BackboneConfig
 from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
-from rsnc_bench.errors import ConfigError
+from rsnc_bench.engine.trainer import Trainer
+from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid import GridConfig, run_grid, usable_cores
 from rsnc_bench.grid_config import load_grid
 from rsnc_bench.methods import METHODS, LossOutput
@@ -90,6 +91,61 @@ def test_selected_weights_are_kept_in_memory_and_written_on_request(tmp_path, sy
     folder = store.checkpoint_dir(cell.key)
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt"]
     assert torch.load(folder / "best.pt", weights_only=False)["epoch"] == doc["selected_epoch"]
+
+
+class Planted:
+    """A pickle that creates ``marker`` when unpickled by a loader that runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_planted_resume_checkpoint_runs_no_code_and_is_ignored(tmp_path, synthetic_root, capsys):
+    cell = spec(synthetic_root, epochs=2)
+    store = ResultStore(tmp_path)
+    folder = store.checkpoint_dir(cell.key)
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": "x", "model": Planted(marker)}, folder / "last.pt")
+    doc = run_cell(cell, store)
+    assert not marker.exists()
+    assert doc["status"] == "complete" and len(doc["history"]) == 2  # trained from the start
+    assert "ignoring" in capsys.readouterr().out
+
+
+def test_a_planted_selected_checkpoint_runs_no_code_and_stops_the_cell(tmp_path):
+    """best.pt is read when a resumed run selects an epoch from before the interruption."""
+    trainer = Trainer.__new__(Trainer)  # only what load_selected touches
+    trainer.ckpt_dir, trainer.device, trainer.fingerprint, trainer._best = tmp_path, torch.device("cpu"), "cell", None
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": "cell", "model": Planted(marker)}, tmp_path / "best.pt")
+    with pytest.raises(RsncError, match="best.pt.*--force"):
+        trainer.load_selected()
+    assert not marker.exists()
+
+
+def test_a_cell_killed_before_its_result_is_written_resumes(tmp_path, synthetic_root, monkeypatch, capsys):
+    cell = spec(synthetic_root, rate=0.4)
+    cell = replace(cell, train_options=cell.train_options + ("checkpoint_seconds=0",))
+    clean = run_cell(cell, ResultStore(tmp_path / "clean"))
+    store = ResultStore(tmp_path / "killed")
+    write = store.write
+
+    def killed(doc):
+        raise Interrupt()
+
+    monkeypatch.setattr(store, "write", killed)
+    with pytest.raises(Interrupt):
+        run_cell(cell, store)
+    assert (store.checkpoint_dir(cell.key) / "last.pt").exists()  # kept until the result is on disk
+    monkeypatch.setattr(store, "write", write)
+    capsys.readouterr()
+    again = run_cell(cell, store)
+    assert "resuming from epoch 2" in capsys.readouterr().out
+    assert again["test"] == clean["test"] and not store.checkpoint_dir(cell.key).exists()
 
 
 def test_train_config_layers(tmp_path, synthetic_root):

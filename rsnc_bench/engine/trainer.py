@@ -52,6 +52,20 @@ class TrainConfig:
             raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
 
 
+def plain_data(value):
+    """``value`` with numpy scalars and arrays turned into Python numbers and tensors, so that
+    ``torch.load(weights_only=True)`` reads it back (it accepts tensors and plain containers only)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value] if isinstance(value, list) else tuple(plain_data(v) for v in value)
+    return value
+
+
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW (default betas, eps 1e-8), fused where torch supports it (several times faster on CPU)."""
     try:
@@ -188,7 +202,10 @@ class Trainer:
             return
         path = self.ckpt_dir / "best.pt"
         if path.exists():
-            self.method.load_state_dict(torch.load(path, map_location=self.device, weights_only=False)["model"])  # our own file; may hold extra state
+            saved = self._load(path)
+            if saved is None:
+                raise RsncError(f"{path}: the selected epoch's weights are unreadable or from another run; rerun the cell with --force")
+            self.method.load_state_dict(saved["model"])
 
     def clear_resume_state(self) -> None:
         (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
@@ -210,16 +227,28 @@ class Trainer:
     def _save(self, name: str, payload: dict) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_dir / f".{name}.tmp"
-        torch.save(payload, tmp)
+        torch.save(plain_data(payload), tmp)
         tmp.replace(self.ckpt_dir / name)
+
+    def _load(self, path: Path) -> dict | None:
+        """A checkpoint this cell wrote, or None (with a notice). Loaded with ``weights_only``, so a
+        file planted in a results folder cannot run code; then checked against the fingerprint."""
+        try:
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 (unsafe pickles, truncated files: never trusted)
+            tqdm.write(f"ignoring {path}: not a checkpoint rsnc-bench wrote ({type(error).__name__}); nothing in it was run")
+            return None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
+            tqdm.write(f"ignoring {path}: it belongs to another configuration of this cell")
+            return None
+        return saved
 
     def _resume(self, state, optimizer, scaler, order_gen, augment_gen) -> dict:
         path = self.ckpt_dir / "last.pt"
         if not path.exists():
             return state
-        saved = torch.load(path, map_location=self.device, weights_only=False)
-        if saved.get("fingerprint") != self.fingerprint:
-            tqdm.write(f"ignoring {path}: it belongs to another configuration of this cell")
+        saved = self._load(path)
+        if saved is None:
             return state
         self.method.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
