@@ -96,8 +96,9 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None) -> d
     doc = {"schema": 1, "key": key.as_dict(), "status": "failed", "error": None, "config": {}, "history": [],
            "selected_epoch": None, "selected_by": "val_mr", "val": None, "test": None, "test_last": None,
            "detection": None, "timings": {}, "environment": {}, "noise": {}}
+    trainer = None
     try:
-        _train_and_evaluate(spec, store, device, doc)
+        trainer = _train_and_evaluate(spec, store, device, doc)
         doc["status"] = "complete"
     except Diverged as exc:
         doc.update(status="diverged", error=str(exc))
@@ -109,10 +110,13 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None) -> d
     doc["timings"]["total_seconds"] = time.perf_counter() - started
     doc["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     store.write(doc)
+    if trainer is not None:
+        trainer.clear_resume_state()  # only now: a run killed before the write resumes instead of retraining
     return doc
 
 
-def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, doc: dict) -> None:
+def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, doc: dict) -> Trainer:
+    """Fill ``doc``; returns the trainer, whose resume state the caller clears once ``doc`` is written."""
     key = spec.key
     method_cls, mconfig = method_config(spec)
     tconfig = train_config(spec)
@@ -179,4 +183,4 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
                           samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
                           precision=outcome.precision, eval_precision=EVAL_PRECISION)
-    trainer.clear_resume_state()
+    return trainer
