@@ -148,6 +148,23 @@ def test_a_cell_killed_before_its_result_is_written_resumes(tmp_path, synthetic_
     assert again["test"] == clean["test"] and not store.checkpoint_dir(cell.key).exists()
 
 
+def test_a_forced_rerun_that_fails_keeps_the_complete_result(tmp_path, synthetic_root, monkeypatch, capsys):
+    import rsnc_bench.engine.cell as cell_module
+
+    cell, store = spec(synthetic_root, epochs=1), ResultStore(tmp_path)
+    first = run_cell(cell, store)
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cell_module, "_train_and_evaluate", broken)
+    again = run_cell(cell, store)
+    assert again["status"] == "failed" and "out of memory" in again["error"]
+    kept = store.read(cell.key)
+    assert kept["status"] == "complete" and kept["test"] == first["test"]
+    assert "previous complete result stays" in capsys.readouterr().out
+
+
 def test_train_config_layers(tmp_path, synthetic_root):
     plain = train_config(replace(spec(synthetic_root), train_options=()))
     assert plain.lr == 2e-3 and plain.batch_size == 64  # tiny-vit's preset hints over clip-ft's paper budget

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
 from rsnc_bench.config import parse_assignments
@@ -109,7 +110,10 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None) -> d
         doc["traceback"] = traceback.format_exc()
     doc["timings"]["total_seconds"] = time.perf_counter() - started
     doc["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    store.write(doc)
+    if doc["status"] != "complete" and store.is_complete(key):  # a forced rerun that failed
+        tqdm.write(f"{key.label()}: the rerun {doc['status']} ({doc['error']}); the previous complete result stays in {store.path(key)}")
+    else:
+        store.write(doc)
     if trainer is not None:
         trainer.clear_resume_state()  # only now: a run killed before the write resumes instead of retraining
     return doc
