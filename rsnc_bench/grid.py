@@ -19,7 +19,7 @@ import torch
 from rsnc_bench.backbones import WeightsNotFoundError, describe_backbones
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.cell import CellSpec, load_data, method_config, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, check_recorded_manifest, load_data, method_config, run_cell, train_config
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
@@ -139,6 +139,7 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
         if grid.force:
             shutil.rmtree(store.checkpoint_dir(spec.key), ignore_errors=True)
         elif store.is_complete(spec.key):
+            check_recorded_manifest(spec, store, store.read(spec.key))
             continue
         todo.append(spec)
     for name in {spec.key.backbone for spec in todo} & set(RECIPES):

@@ -4,17 +4,20 @@ failures that are recorded while the grid goes on."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from rsnc_bench.backbones import BackboneConfig
+from rsnc_bench.data.datasets import load_dataset
 from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
 from rsnc_bench.engine.trainer import Trainer
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid import GridConfig, run_grid, usable_cores
 from rsnc_bench.grid_config import load_grid
 from rsnc_bench.methods import METHODS, LossOutput
+from rsnc_bench.noise import make_manifest
 from rsnc_bench.store import CellKey, ResultStore
 
 from .conftest import TINY_SYNTHETIC
@@ -209,6 +212,19 @@ def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root
     assert skipped == 1 and {d["key"]["method"] for d in docs} == {"test-broken", "test-nan"}
     docs, skipped = run_grid(replace(grid, methods=("zeroshot",), force=True))
     assert skipped == 0 and len(docs) == 1
+
+
+def test_a_changed_manifest_under_a_complete_cell_stops_the_grid(tmp_path, synthetic_root):
+    grid = GridConfig(methods=("zeroshot",), noise=(0.4,), seeds=(1,), noise_seeds=(0,), workers=1, noise_protocol="shuffle",
+                      data_root=str(synthetic_root), dataset_options=TINY_OPTS, out=str(tmp_path))
+    (doc,), _ = run_grid(grid)
+    path = Path(doc["noise"]["manifest"])
+    train = load_dataset("synthetic", synthetic_root, options=TINY_SYNTHETIC)["train"]
+    make_manifest(train, "synthetic", "shuffle", 0.4, 0).save(path, force=True)  # the same manifest: accepted
+    assert run_grid(grid) == ([], 1)
+    make_manifest(train, "synthetic", "shuffle", 0.4, 7).save(path, force=True)  # another one under its name
+    with pytest.raises(ConfigError, match="changed since .* restore it"):
+        run_grid(grid)
 
 
 def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthetic_root, monkeypatch):

@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
 from rsnc_bench.config import parse_assignments
-from rsnc_bench.data.datasets import DATASETS, get_dataset
+from rsnc_bench.data.datasets import DATASETS, DatasetSpec, get_dataset
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
-from rsnc_bench.errors import RsncError
+from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, Method
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.store import CellKey, ResultStore
@@ -62,9 +62,13 @@ def train_config(spec: CellSpec) -> TrainConfig:
     return TrainConfig(**{k: v for layer in train_sources(spec).values() for k, v in layer.items()})
 
 
+def _dataset_spec(name: str, options: tuple[str, ...]) -> DatasetSpec:
+    return get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(options)))
+
+
 @functools.lru_cache(maxsize=4)
 def _load(name: str, root: str | None, layout: str | None, options: tuple[str, ...]):
-    dataset_spec = get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(options)))
+    dataset_spec = _dataset_spec(name, options)
     return dataset_spec, dataset_spec.load(root, layout=layout)
 
 
@@ -83,6 +87,16 @@ def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_d
     manifest = make_manifest(train, dataset, key.noise_protocol, key.noise_rate, key.noise_seed)
     manifest.save(path)
     return manifest, path
+
+
+def check_recorded_manifest(spec: CellSpec, store: ResultStore, doc: dict) -> None:
+    """A complete cell's manifest on disk must still be the one it trained with (its recorded hash)."""
+    recorded = (doc.get("noise") or {}).get("manifest_hash")
+    label = _dataset_spec(spec.key.dataset, spec.dataset_options).label(spec.layout)
+    path = manifest_path(store.root / "noise" / label, spec.key.noise_protocol, spec.key.noise_rate, spec.key.noise_seed)
+    if recorded and path.exists() and NoiseManifest.load(path).content_hash != recorded:
+        raise ConfigError(f"{path}: changed since {spec.key.label()} was trained with it (content hash {recorded}); "
+                          "restore it, or delete it and rerun with --force")
 
 
 def _fingerprint(*parts) -> str:
