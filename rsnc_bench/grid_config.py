@@ -17,6 +17,10 @@ from rsnc_bench.backbones.base import BackboneConfig
 from rsnc_bench.errors import ConfigError
 
 
+NON_EMPTY = {"methods": "--methods clip-ft", "datasets": "--datasets synthetic", "backbones": "--backbone tiny-clip",
+             "noise": "--noise 0.4", "noise_seeds": "--noise-seeds 42", "seeds": "--seeds 3"}  # fields a grid needs, with an example
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """A grid. The defaults are the built-in main job: every registered method fine-tuned from the
@@ -45,6 +49,9 @@ class GridConfig:
     force: bool = False
 
     def __post_init__(self):
+        for name in NON_EMPTY:
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty, so there is nothing to run; give at least one value, e.g. {NON_EMPTY[name]}")
         if self.workers < 0:
             raise ConfigError(f"workers={self.workers}; use 0 (one per GPU or CPU core) or a positive count")
 
@@ -70,6 +77,10 @@ def _as_assignments(name: str, value: dict) -> list[str]:
 def _coerce(name: str, value: Any, where: str):
     """A YAML or CLI value for field ``name``; lists may also be comma-separated strings."""
     kind = typing.get_type_hints(GridConfig)[name]
+    if value is None:  # a YAML key left empty
+        if type(None) in typing.get_args(kind):
+            return None
+        raise ConfigError(f"{where}: {name} is empty; give it a value or leave the key out")
     if typing.get_origin(kind) is not tuple:
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false")

@@ -47,6 +47,9 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (["-m", "clip-ft:scale=3"], ["unknown option 'scale'"]),
     (["-o", "n_trian=3"], ["unknown option 'n_trian'"]),
     (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
+    (["--seeds", ","], ["seeds is empty", "--seeds 3"]),
+    (["--noise", " "], ["noise is empty", "--noise 0.4"]),
+    (["--methods", ","], ["methods is empty", "--methods clip-ft"]),
 ])
 def test_bad_run_arguments_fail_before_training(tmp_path, args, fragments):
     out = tmp_path / "runs"
@@ -68,6 +71,11 @@ def test_yaml_grid_with_command_line_overrides(tmp_path):
     path.write_text("methods: [clip-ft\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_grid(path)
+    path.write_text("out:\npretrained:\n")  # an empty out used to become a folder named "None"
+    with pytest.raises(ConfigError, match="out is empty"):
+        load_grid(path)
+    path.write_text("pretrained:\n")  # optional keys may stay empty
+    assert load_grid(path).pretrained is None
 
 
 def test_report_on_a_missing_folder(tmp_path):
