@@ -13,7 +13,7 @@ import typer
 
 from rsnc_bench import __version__
 from rsnc_bench.backbones import TRAIN_HINTS
-from rsnc_bench.config import parse_assignments, parse_floats
+from rsnc_bench.config import check_seed, parse_assignments, parse_floats
 from rsnc_bench.data import DATASETS, Dataset, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
@@ -84,6 +84,7 @@ def noise_make(
       rsnc-bench noise make -d rsicd --data-root ../shared/data/rsicd-subset -p shuffle -r 0.2,0.6
     """
     values = [check_rate(r) for r in parse_floats(rates, "noise rates")]
+    check_seed(seed, "noise seed")
     PROTOCOLS.get(protocol)
     spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
     if "train" not in data.splits:

@@ -8,6 +8,13 @@ import typing
 from rsnc_bench.errors import ConfigError
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+SEED_MAX = 2**32 - 1  # numpy's seeding takes [0, 2**32)
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{what} {seed} is outside [0, {SEED_MAX}]; give a whole number such as 42")
+    return int(seed)
 
 
 def _convert(text: str, kind: type, key: str):

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from rsnc_bench.config import check_seed
 from rsnc_bench.backbones.base import BackboneConfig
 from rsnc_bench.errors import ConfigError
 
@@ -52,6 +53,10 @@ class GridConfig:
         for name in NON_EMPTY:
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty, so there is nothing to run; give at least one value, e.g. {NON_EMPTY[name]}")
+        for seed in self.seeds:
+            check_seed(seed, "train seed")
+        for seed in self.noise_seeds:
+            check_seed(seed, "noise seed")
         if self.workers < 0:
             raise ConfigError(f"workers={self.workers}; use 0 (one per GPU or CPU core) or a positive count")
 

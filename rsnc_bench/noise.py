@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from rsnc_bench import __version__
+from rsnc_bench.config import check_seed
 from rsnc_bench.data.formats import basename_of_any_path, read_caption_csv
 from rsnc_bench.data.split import Split
 from rsnc_bench.errors import ConfigError, DataFormatError, ManifestError
@@ -273,7 +274,7 @@ def manifest_path(folder: str | Path, protocol: str, rate: float, seed: int) -> 
 def make_manifest(split: Split, dataset: str, protocol: str, rate: float, seed: int) -> NoiseManifest:
     """Inject noise into a clean train split with a registered protocol."""
     generate: Protocol = PROTOCOLS.get(protocol)
-    rate = check_rate(rate)
+    rate, seed = check_rate(rate), check_seed(seed, "noise seed")
     caption_row, assigned = generate(split, rate, seed)
     return NoiseManifest(
         dataset=dataset, protocol=protocol, seed=int(seed), rate=rate, images=split.images,

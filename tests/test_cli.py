@@ -105,12 +105,13 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list, tuple[str, ...]]]:
     cases["rate too high"] = (["-r", "0.2,1.0"], ("noise rate 1.0 is outside [0, 1)",))
     cases["rate not a number"] = (["-r", "0.2,lots"], ("not a comma-separated list",))
     cases["bad dataset option"] = (["-o", "n_train=many"], ("n_train='many' is not a valid int",))
+    cases["negative seed"] = (["--seed", "-5"], ("noise seed -5 is outside",))
     return cases
 
 
 BAD_INPUTS = ["missing root", "missing file", "malformed json", "json missing key", "escaping name", "missing images",
               "malformed csv", "caption count", "unknown dataset", "unknown protocol", "unknown layout", "rate too high",
-              "rate not a number", "bad dataset option"]
+              "rate not a number", "bad dataset option", "negative seed"]
 
 
 def test_every_bad_input_case_is_parametrized(tmp_path):

@@ -50,6 +50,8 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (["--seeds", ","], ["seeds is empty", "--seeds 3"]),
     (["--noise", " "], ["noise is empty", "--noise 0.4"]),
     (["--methods", ","], ["methods is empty", "--methods clip-ft"]),
+    (["--seeds", "-1"], ["train seed -1 is outside"]),
+    (["--noise-seeds", "4294967296"], ["noise seed 4294967296 is outside"]),
 ])
 def test_bad_run_arguments_fail_before_training(tmp_path, args, fragments):
     out = tmp_path / "runs"
