@@ -107,7 +107,11 @@ def worker_plan(device: str, workers: int = 0) -> tuple[list[str], int | None]:
         gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         return [gpus[i % len(gpus)] for i in range(workers or len(gpus))], None
     name = "cpu" if device == "auto" else device
-    if torch.device(name).type != "cpu":
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind != "cpu":
         return [name] * max(1, workers), None
     cores = usable_cores()
     count = workers or cores
@@ -133,7 +137,7 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
     """Run every cell that is not complete. Returns (documents of the cells run, cells skipped)."""
     store = ResultStore(grid.out)
     cells = expand(grid)
-    store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
+    devices, threads = worker_plan(grid.device, grid.workers)
     todo = []
     for spec in cells:
         if grid.force:
@@ -142,9 +146,9 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             check_recorded_manifest(spec, store, store.read(spec.key))
             continue
         todo.append(spec)
+    store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
     for name in {spec.key.backbone for spec in todo} & set(RECIPES):
         ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
-    devices, threads = worker_plan(grid.device, grid.workers)
     docs = []
     if len(devices) == 1 or len(todo) <= 1:
         device = None if grid.device == "auto" else devices[0]

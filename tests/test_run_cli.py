@@ -51,6 +51,7 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
     (["--noise", " "], ["noise is empty", "--noise 0.4"]),
     (["--methods", ","], ["methods is empty", "--methods clip-ft"]),
     (["--seeds", "-1"], ["train seed -1 is outside"]),
+    (["--device", "bogus"], ["--device 'bogus' is not a device"]),
     (["--noise-seeds", "4294967296"], ["noise seed 4294967296 is outside"]),
 ])
 def test_bad_run_arguments_fail_before_training(tmp_path, args, fragments):
