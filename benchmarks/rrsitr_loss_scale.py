@@ -16,6 +16,7 @@ import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from methods.clip_pipeline import cosine_matrix, frobenius_scores, local_tokens
 from methods.rrsitr import RrsitrConfig, pair_losses
@@ -44,10 +45,10 @@ def main() -> None:
             batch = make_batch(train, rows, image_ids, preprocess, torch.device("cpu"))
             texts, images = backbone.encode_text(batch.text, tokens=True), backbone.encode_image(batch.images, tokens=True)
             frobenius = frobenius_scores(local_tokens(texts, cfg.text_padding), local_tokens(images))
-            total = pair_losses(cosine_matrix(texts, images), cfg.local_scale * frobenius, cfg.logit_scale)
-            totals.append(total)
-            local_parts.append(total - pair_losses(cosine_matrix(texts, images), torch.zeros_like(frobenius), cfg.logit_scale)
-                               + 2 * np.log(len(frobenius)))  # a zero local matrix contributes 2 log B
+            local = cfg.local_scale * frobenius
+            totals.append(pair_losses(cosine_matrix(texts, images), local, cfg.logit_scale))
+            target = torch.arange(len(local))
+            local_parts.append(F.cross_entropy(local, target, reduction="none") + F.cross_entropy(local.T, target, reduction="none"))
             matched.append(frobenius.diagonal())
             hardest.append(frobenius.masked_fill(torch.eye(len(frobenius), dtype=torch.bool), -np.inf).amax(1))
     total, local = torch.cat(totals), torch.cat(local_parts)

@@ -79,7 +79,7 @@ def load_data(spec: CellSpec):
 
 def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_dir: Path) -> tuple[NoiseManifest, Path]:
     """The cell's manifest: loaded when saved before (and checked against the train rows), else made and saved."""
-    path = manifest_path(noise_dir / label, key.noise_protocol, key.noise_rate, key.noise_seed)
+    path = _manifest_path(key, noise_dir / label)
     if path.exists():
         manifest = NoiseManifest.load(path)
         manifest.check_split(train, where=str(path))
@@ -89,11 +89,15 @@ def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_d
     return manifest, path
 
 
+def _manifest_path(key: CellKey, folder: Path) -> Path:
+    return manifest_path(folder, key.noise_protocol, key.noise_rate, key.noise_seed)
+
+
 def check_recorded_manifest(spec: CellSpec, store: ResultStore, doc: dict) -> None:
     """A complete cell's manifest on disk must still be the one it trained with (its recorded hash)."""
     recorded = (doc.get("noise") or {}).get("manifest_hash")
     label = _dataset_spec(spec.key.dataset, spec.dataset_options).label(spec.layout)
-    path = manifest_path(store.root / "noise" / label, spec.key.noise_protocol, spec.key.noise_rate, spec.key.noise_seed)
+    path = _manifest_path(spec.key, store.root / "noise" / label)
     if recorded and path.exists() and NoiseManifest.load(path).content_hash != recorded:
         raise ConfigError(f"{path}: changed since {spec.key.label()} was trained with it (content hash {recorded}); "
                           "restore it, or delete it and rerun with --force")
