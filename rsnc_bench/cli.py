@@ -253,9 +253,10 @@ def run(
         out=None if out is None else str(out), device=device, workers=workers, force=force or None,
     )
     grid = load_grid(config, cli_values)
-    docs, skipped = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
+    docs, skipped, elsewhere = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
     failed = sum(doc["status"] != "complete" for doc in docs)
-    typer.echo(f"{len(docs)} cells run ({failed} failed), {skipped} already complete")
+    beside = f", {elsewhere} run by another runner on this folder" if elsewhere else ""
+    typer.echo(f"{len(docs)} cells run ({failed} failed), {skipped} already complete{beside}")
     _write_report(Path(grid.out))
     if failed:
         raise typer.Exit(1)

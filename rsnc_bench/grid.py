@@ -9,10 +9,9 @@ import difflib
 import itertools
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -129,46 +128,57 @@ def _start_worker(queue, threads: int | None) -> None:
     silence()  # the parent shows the cells' bar
 
 
-def _run_in_worker(spec: CellSpec, root: str) -> dict:
-    return run_cell(spec, ResultStore(root), _WORKER_DEVICE)
+def _run_in_worker(spec: CellSpec, root: str, planned, force: bool) -> dict | None:
+    return run_cell(spec, ResultStore(root), _WORKER_DEVICE, planned=planned, force=force)
 
 
-def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> tuple[list[dict], int]:
-    """Run every cell that is not complete. Returns (documents of the cells run, cells skipped)."""
+class GridOutcome(NamedTuple):
+    docs: list[dict]  # the documents of the cells run here
+    skipped: int  # cells complete before the grid started
+    elsewhere: int  # cells another runner held or wrote meanwhile
+
+
+def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> GridOutcome:
+    """Run every cell that is not complete (each under its lock, so runners can share a folder)."""
     store = ResultStore(grid.out)
     cells = expand(grid)
     devices, threads = worker_plan(grid.device, grid.workers)
-    todo = []
+    todo = []  # (cell, its result file's state now: the cell is skipped if another runner changes it)
     for spec in cells:
-        if grid.force:
-            shutil.rmtree(store.checkpoint_dir(spec.key), ignore_errors=True)
-        elif store.is_complete(spec.key):
+        if not grid.force and store.is_complete(spec.key):
             check_recorded_manifest(spec, store, store.read(spec.key))
             continue
-        todo.append(spec)
+        todo.append((spec, store.state(spec.key)))
     store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
-    for name in {spec.key.backbone for spec in todo} & set(RECIPES):
+    for name in {spec.key.backbone for spec, _ in todo} & set(RECIPES):
         ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
-    docs = []
+    docs, elsewhere = [], 0
+
+    def done(doc: dict | None) -> None:
+        nonlocal elsewhere
+        if doc is None:  # another runner has it
+            elsewhere += 1
+        else:
+            docs.append(doc)
+            on_done(doc)
+
     if len(devices) == 1 or len(todo) <= 1:
         device = None if grid.device == "auto" else devices[0]
         with _torch_threads(threads):  # a cell left alone trains as it would in a worker: same thread count, same numbers
-            for spec in _progress(todo):
-                docs.append(run_cell(spec, store, device))
-                on_done(docs[-1])
-        return docs, len(cells) - len(todo)
-    for spec in todo:
+            for spec, state in _progress(todo):
+                done(run_cell(spec, store, device, planned=state, force=grid.force))
+        return GridOutcome(docs, len(cells) - len(todo), elsewhere)
+    for spec, _ in todo:
         load_data(spec)  # a synthetic dataset is drawn here, once, not by several workers at a time
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = context.Manager().Queue()
     for device in devices:
         queue.put(device)
     with ProcessPoolExecutor(len(devices), mp_context=context, initializer=_start_worker, initargs=(queue, threads)) as pool:
-        futures = [pool.submit(_run_in_worker, spec, str(store.root)) for spec in todo]
+        futures = [pool.submit(_run_in_worker, spec, str(store.root), state, grid.force) for spec, state in todo]
         for future in _progress(as_completed(futures), total=len(futures)):
-            docs.append(future.result())
-            on_done(docs[-1])
-    return docs, len(cells) - len(todo)
+            done(future.result())
+    return GridOutcome(docs, len(cells) - len(todo), elsewhere)
 
 
 @contextlib.contextmanager

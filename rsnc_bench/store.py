@@ -35,6 +35,7 @@ SCHEMA = 1
 STATUSES = ("complete", "failed", "diverged")
 CKPT_SUFFIX = ".ckpt"
 SCORES_SUFFIX = ".scores.npz"
+LOCK_SUFFIX = ".lock"
 GRID_NAME = "grid.json"  # the last grid run into the folder: its config and cell keys
 LEADERBOARD_NAMES = frozenset({"leaderboard.md", "leaderboard.csv", "leaderboard.json", GRID_NAME})
 
@@ -247,6 +248,19 @@ class ResultStore:
     def checkpoint_dir(self, key: CellKey) -> Path:
         """Folder for the cell's checkpoints, beside its JSON (not created here)."""
         return self.path(key).with_suffix(CKPT_SUFFIX)
+
+    def lock_path(self, key: CellKey) -> Path:
+        """The cell's lock file (``cell_lock.py``), beside its JSON."""
+        return self.path(key).with_suffix(LOCK_SUFFIX)
+
+    def state(self, key: CellKey) -> tuple[int, int, int] | None:
+        """What identifies the cell's result file as it is now (None: no file): a runner compares
+        it before and after taking the cell's lock to see whether another runner wrote the cell."""
+        try:
+            stat = self.path(key).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def write(self, doc: dict[str, Any]) -> Path:
         """Validate and write atomically (NaN/inf become null); replaces any previous file of the cell."""

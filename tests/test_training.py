@@ -201,27 +201,27 @@ def test_interrupted_cell_resumes_and_matches_an_uninterrupted_run(tmp_path, syn
 def test_grid_skips_complete_cells_and_records_failures(tmp_path, synthetic_root):
     grid = GridConfig(methods=("test-broken", "test-nan", "zeroshot"), noise=(0.0,), seeds=(1,), noise_seeds=(0,), workers=1,
                       data_root=str(synthetic_root), dataset_options=TINY_OPTS, train=("epochs=1", "batch_size=16"), out=str(tmp_path))
-    docs, skipped = run_grid(grid)
+    docs, skipped, _ = run_grid(grid)
     status = {d["key"]["method"]: d for d in docs}
     assert skipped == 0 and set(status) == {"test-broken", "test-nan", "zeroshot"}
     assert status["test-broken"]["status"] == "failed" and "shape mismatch in my head" in status["test-broken"]["error"]
     assert "RuntimeError" in status["test-broken"]["traceback"]
     assert status["test-nan"]["status"] == "diverged" and "nan" in status["test-nan"]["error"]
     assert status["zeroshot"]["status"] == "complete"
-    docs, skipped = run_grid(grid)  # failed cells are retried, the complete one is skipped
+    docs, skipped, _ = run_grid(grid)  # failed cells are retried, the complete one is skipped
     assert skipped == 1 and {d["key"]["method"] for d in docs} == {"test-broken", "test-nan"}
-    docs, skipped = run_grid(replace(grid, methods=("zeroshot",), force=True))
+    docs, skipped, _ = run_grid(replace(grid, methods=("zeroshot",), force=True))
     assert skipped == 0 and len(docs) == 1
 
 
 def test_a_changed_manifest_under_a_complete_cell_stops_the_grid(tmp_path, synthetic_root):
     grid = GridConfig(methods=("zeroshot",), noise=(0.4,), seeds=(1,), noise_seeds=(0,), workers=1, noise_protocol="shuffle",
                       data_root=str(synthetic_root), dataset_options=TINY_OPTS, out=str(tmp_path))
-    (doc,), _ = run_grid(grid)
+    (doc,), _, _ = run_grid(grid)
     path = Path(doc["noise"]["manifest"])
     train = load_dataset("synthetic", synthetic_root, options=TINY_SYNTHETIC)["train"]
     make_manifest(train, "synthetic", "shuffle", 0.4, 0).save(path, force=True)  # the same manifest: accepted
-    assert run_grid(grid) == ([], 1)
+    assert run_grid(grid) == ([], 1, 0)
     make_manifest(train, "synthetic", "shuffle", 0.4, 7).save(path, force=True)  # another one under its name
     with pytest.raises(ConfigError, match="changed since .* restore it"):
         run_grid(grid)
@@ -233,7 +233,7 @@ def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthe
     monkeypatch.setattr(grid_module, "worker_plan", lambda name, workers: (["cpu", "cpu"], None))  # stands in for two GPUs
     grid = GridConfig(methods=("zeroshot",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cuda",
                       data_root=str(synthetic_root), dataset_options=TINY_OPTS, out=str(tmp_path))
-    docs, skipped = run_grid(grid)
+    docs, skipped, _ = run_grid(grid)
     assert skipped == 0 and sorted(d["key"]["noise_rate"] for d in docs) == [0.0, 0.4]
     assert all(d["status"] == "complete" and d["environment"]["device"] == "cpu" for d in docs)
 
@@ -255,12 +255,12 @@ def test_cpu_worker_processes_record_one_thread(tmp_path, synthetic_root):
     grid = GridConfig(methods=("clip-ft",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cpu", workers=2,
                       backbones=("tiny-vit",), data_root=str(synthetic_root), dataset_options=TINY_OPTS,
                       train=("epochs=1", "batch_size=16"), out=str(tmp_path))
-    docs, _ = run_grid(grid)
+    docs, _, _ = run_grid(grid)
     assert [d["status"] for d in docs] == ["complete", "complete"]
     assert {d["environment"]["torch_threads"] for d in docs} == {max(1, usable_cores() // 2)}
     # a single remaining cell runs in this process, on a worker's thread count, which is then restored
     before = torch.get_num_threads()
-    (alone,), _ = run_grid(replace(grid, seeds=(2,), noise=(0.0,)))
+    (alone,), _, _ = run_grid(replace(grid, seeds=(2,), noise=(0.0,)))
     assert alone["environment"]["torch_threads"] == max(1, usable_cores() // 2)
     assert torch.get_num_threads() == before
 

@@ -7,6 +7,7 @@ import datetime
 import functools
 import hashlib
 import json
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, get_dataset
@@ -107,9 +109,27 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None) -> dict:
-    """Run a cell and write its result (complete, failed or diverged). Never raises for a
-    cell-level failure: the error is recorded and the grid goes on."""
+UNCHECKED = object()
+
+
+def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None, *, planned=UNCHECKED,
+             force: bool = False) -> dict | None:
+    """Run a cell under its lock and write its result (complete, failed or diverged). Never raises
+    for a cell-level failure: the error is recorded and the grid goes on.
+
+    Returns None, running nothing, when another runner holds the cell, or has written it since the
+    grid saw its result file in state ``planned`` (``ResultStore.state``). ``force`` starts from
+    scratch (the checkpoints go; the old result stays until a new one is complete)."""
+    key = spec.key
+    with cell_lock(store.lock_path(key), notice=tqdm.write) as held:
+        if not held or (planned is not UNCHECKED and store.state(key) != planned):
+            return None
+        if force:
+            shutil.rmtree(store.checkpoint_dir(key), ignore_errors=True)
+        return _run_locked(spec, store, device)
+
+
+def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
     key = spec.key
     started = time.perf_counter()
     doc = {"schema": 1, "key": key.as_dict(), "status": "failed", "error": None, "config": {}, "history": [],
