@@ -148,3 +148,34 @@ def test_malformed_karpathy_json_names_the_line(tmp_path):
     (tmp_path / "RSICD_images").mkdir()
     with pytest.raises(DataFormatError, match=r"dataset_rsicd.json:3: malformed JSON"):
         load_dataset("rsicd", tmp_path)
+
+
+def test_gb18030_is_read_for_csv_only_and_announced(tmp_path, capsys):
+    write_csv(tmp_path / "rsicd_test.csv", [("a_1.jpg", "a plane 中文")], encoding="gb18030")
+    write_image(tmp_path / "RSICD_images" / "a_1.jpg")
+    assert load_dataset("rsicd", tmp_path, layout="csv")["test"].captions == ("a plane 中文",)
+    assert "rsicd_test.csv is not UTF-8" in capsys.readouterr().err
+    write_karpathy(tmp_path / "json", "dataset_rsicd.json", "RSICD_images", [("a_1.jpg", "test", ["cafe"] * 5)])
+    path = tmp_path / "json" / "dataset_rsicd.json"
+    path.write_bytes(path.read_bytes().replace(b'"raw": "cafe"', '"raw": "cafés"'.encode("latin-1")))
+    with pytest.raises(DataFormatError, match="not UTF-8 text"):  # GB18030 would have read it as mojibake
+        load_dataset("rsicd", tmp_path / "json")
+
+
+def test_quoted_captions_with_commas_and_quotes_still_parse(tmp_path):
+    (tmp_path / "rsicd_test.csv").write_text('filename,title\na_1.jpg,"a ""big"", wide river"\nb_1.jpg,two\n')
+    for name in ("a_1.jpg", "b_1.jpg"):
+        write_image(tmp_path / "RSICD_images" / name)
+    assert load_dataset("rsicd", tmp_path, layout="csv")["test"].captions == ('a "big", wide river', "two")
+
+
+def test_symlinks_inside_the_image_folder_and_a_linked_folder_are_followed(tmp_path):
+    real = write_karpathy(tmp_path / "real", "dataset_rsicd.json", "RSICD_images",
+                          [("a_1.jpg", "train", five("a")), ("c_1.jpg", "val", five("c")), ("b_1.jpg", "test", five("b"))])
+    (real / "RSICD_images" / "b_1.jpg").rename(real / "RSICD_images" / "b_1-original.jpg")
+    (real / "RSICD_images" / "b_1.jpg").symlink_to("b_1-original.jpg")  # inside the folder: allowed
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "dataset_rsicd.json").symlink_to(real / "dataset_rsicd.json")
+    (linked / "RSICD_images").symlink_to(real / "RSICD_images")  # the whole image folder elsewhere: allowed
+    assert load_dataset("rsicd", linked)["test"].images == ("b_1.jpg",)

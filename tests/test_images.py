@@ -68,3 +68,15 @@ def test_native_images_share_a_padded_canvas_and_keep_their_sizes(tmp_path):
     assert (stacked[1, :, :24, :32] == 100).all() and (stacked[1, :, 24:, :] == 0).all()
     cached = SplitImages(split, None, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("train-native-*.npy"))) == 1 and torch.equal(cached.stacked(), stacked)
+
+
+@pytest.mark.parametrize("dtype, name", [(np.uint16, "grey16.png"), (np.int32, "grey32.tif")])
+def test_16_bit_greyscale_is_scaled_by_its_depth_not_clipped_white(tmp_path, dtype, name):
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(dtype)  # 0 .. 65472
+    path = tmp_path / name
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = load_image(path, None)
+    assert pixels.shape == (32, 32, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp / 257).astype(np.uint8))
+    assert (pixels == 255).mean() < 0.01  # Pillow's own convert("RGB") made 99.6 % of such an image white

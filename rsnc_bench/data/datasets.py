@@ -15,7 +15,7 @@ from typing import ClassVar
 from rsnc_bench.data.formats import READERS, Layout
 from rsnc_bench.data.split import Dataset, build_split, val_provenance
 from rsnc_bench.data.val_carve import DEFAULT_VAL_FRACTION, DEFAULT_VAL_SEED, carve_val
-from rsnc_bench.errors import ConfigError, DatasetNotFoundError
+from rsnc_bench.errors import ConfigError, DataFormatError, DatasetNotFoundError
 from rsnc_bench.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -136,14 +136,30 @@ class DatasetSpec:
         return hit
 
     def _check_images(self, dataset: Dataset, files: dict[str, Path]) -> None:
+        """Every listed image exists, lies inside its image folder once symlinks are followed (the
+        rule of ``../`` names: a dataset reads nothing outside its folder), and belongs to one split."""
+        listed = ", ".join(p.name for p in files.values())
+        owner: dict[Path, str] = {}
         for split in dataset.splits.values():
             missing = [i for i in range(split.n_images) if not split.image_path(i).is_file()]
             if missing:
                 first = split.images[missing[0]]
                 raise DatasetNotFoundError(
                     f"dataset {self.name!r}: {len(missing)} of {split.n_images} {split.name} images listed in "
-                    f"{', '.join(p.name for p in files.values())} are missing under {split.image_root} "
-                    f"(first: {first}); put the images there or pass --image-dir")
+                    f"{listed} are missing under {split.image_root} (first: {first}); put the images there or pass --image-dir")
+            inside = split.image_root.resolve()
+            for i, name in enumerate(split.images):
+                real = split.image_path(i).resolve()
+                if not real.is_relative_to(inside):
+                    raise DataFormatError(
+                        split.image_path(i), f"a symlink out of the image folder {split.image_root} (to {real})",
+                        "copy the image into the folder, or pass the folder that holds the images as --image-dir")
+                other = owner.setdefault(real, split.name)
+                if other != split.name:
+                    raise DataFormatError(
+                        files.get("json") or files.get(split.name) or next(iter(files.values())),
+                        f"image {name} is in both the {other} and the {split.name} split (train/test leakage)",
+                        "keep each image in one split")
 
 
 def get_dataset(name: str, **options: object) -> DatasetSpec:

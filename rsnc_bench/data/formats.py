@@ -10,11 +10,13 @@ into images, class names and image checks happen in ``datasets.py``, the same fo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import ntpath
 import posixpath
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,15 +80,20 @@ def basename_of_any_path(name: str) -> str:
     return ntpath.basename(name.strip().replace("\\", "/"))
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, fallback: str | None = None) -> str:
+    """The file decoded as UTF-8, strictly; only a format known to come in another encoding names
+    it as ``fallback``, and its use is announced (a Latin-1 file read as GB18030 turns into mojibake)."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        try:
-            return data.decode("gb18030")  # some GeoRSCLIP CSVs (protocol.md 2.3)
-        except UnicodeDecodeError as exc:
-            raise DataFormatError(path, f"neither UTF-8 nor GB18030 text (byte {exc.start})", "re-save the file as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        if fallback is not None:
+            with contextlib.suppress(UnicodeDecodeError):
+                text = data.decode(fallback)
+                print(f"notice: {path} is not UTF-8 (byte {exc.start}); read as {fallback}", file=sys.stderr)
+                return text
+        raise DataFormatError(path, f"not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x})",
+                              "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def text_lines(path: Path) -> list[str]:
@@ -114,6 +121,16 @@ def _require(entry: object, key: str, kind: type, path: Path, where: str):
     return value
 
 
+def _once(seen: dict[str, str], key: str, where: str, path: Path) -> None:
+    """An image is one entry of a split in a per-image format: a second would silently merge into it
+    (``key`` is ``<split>/<name>``; the same image in two splits is leakage, found in ``datasets.py``)."""
+    if key in seen:
+        split, name = key.split("/", 1)
+        raise DataFormatError(path, f"{where} names {name!r} in the {split} split, as {seen[key]} does",
+                              "give each image one entry (merge their sentences) or fix the file name")
+    seen[key] = where
+
+
 @READERS.register("karpathy")
 def read_karpathy(files: dict[str, Path]) -> dict[str, RawSplit]:
     """Karpathy-style JSON: ``{"images": [{"filename", "split", "sentences": [{"raw"}]}]}``."""
@@ -121,6 +138,7 @@ def read_karpathy(files: dict[str, Path]) -> dict[str, RawSplit]:
     doc = load_json(path)
     images = _require(doc, "images", list, path, "the top level")
     out: dict[str, RawSplit] = {}
+    seen: dict[str, str] = {}
     for i, entry in enumerate(images):
         where = f"images[{i}]"
         name = safe_name(_require(entry, "filename", str, path, where), path, where)
@@ -128,6 +146,7 @@ def read_karpathy(files: dict[str, Path]) -> dict[str, RawSplit]:
         split = SPLIT_ALIASES.get(split_value)
         if split is None:
             raise DataFormatError(path, f"{where}.split is {split_value!r}", f"use one of {', '.join(SPLIT_ALIASES)}")
+        _once(seen, f"{split}/{name}", where, path)
         sentences = _require(entry, "sentences", list, path, where)
         for j, sentence in enumerate(sentences):
             raw = _require(sentence, "raw", str, path, f"{where}.sentences[{j}]")
@@ -181,8 +200,11 @@ def _column(header: list[str], names: tuple[str, ...], path: Path) -> int:
 
 
 def read_caption_csv(path: Path) -> RawSplit:
-    """One ``filename,title`` CSV (comma or tab separated; absolute paths reduced to base names)."""
-    text = read_text(path)
+    """One ``filename,title`` CSV (comma or tab separated; absolute paths reduced to base names).
+
+    Captions are one line each, so a row that spans lines is an unclosed quote: it is reported at
+    the line where the quote opened (the csv module would read on to the next quote or the end)."""
+    text = read_text(path, fallback="gb18030")  # some GeoRSCLIP CSVs (protocol.md 2.3)
     first = text.split("\n", 1)[0]
     delimiter = "\t" if "\t" in first and "," not in first else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -192,17 +214,20 @@ def read_caption_csv(path: Path) -> RawSplit:
         raise DataFormatError(path, "is empty", "write a header line filename,title and one row per caption") from None
     fcol, tcol = _column(header, FILENAME_COLUMNS, path), _column(header, CAPTION_COLUMNS, path)
     raw = RawSplit()
+    line = reader.line_num + 1
     try:
         for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataFormatError(path, f"{len(row)} fields, the header has {len(header)}", "quote captions that contain the delimiter", line)
-            name = safe_name(basename_of_any_path(row[fcol]), path, "filename", line)
-            raw.add(name, row[tcol], f"{path.name}:{line}")
+            if reader.line_num > line or any("\n" in field or "\r" in field for field in row):
+                raise DataFormatError(path, f"a quote opened on this line is still open at line {reader.line_num}",
+                                      "close or remove that quote (a caption is one line)", line)
+            if row:
+                if len(row) != len(header):
+                    raise DataFormatError(path, f"{len(row)} fields, the header has {len(header)}", "quote captions that contain the delimiter", line)
+                name = safe_name(basename_of_any_path(row[fcol]), path, "filename", line)
+                raw.add(name, row[tcol], f"{path.name}:{line}")
+            line = reader.line_num + 1
     except csv.Error as exc:
-        raise DataFormatError(path, f"malformed CSV: {exc}", "fix the quoting on that line", reader.line_num) from None
+        raise DataFormatError(path, f"malformed CSV: {exc}", "fix the quoting on that line", line) from None
     return raw
 
 
@@ -223,6 +248,7 @@ def read_nwpu(files: dict[str, Path]) -> dict[str, RawSplit]:
     if not isinstance(doc, dict):
         raise DataFormatError(path, "the top level is not an object keyed by class name", "use the NWPU-Captions dataset_nwpu.json")
     out: dict[str, RawSplit] = {}
+    seen: dict[str, str] = {}
     for cls, entries in doc.items():
         if not isinstance(entries, list):
             raise DataFormatError(path, f"[{cls!r}] is not a list of images", "use the NWPU-Captions dataset_nwpu.json")
@@ -233,6 +259,7 @@ def read_nwpu(files: dict[str, Path]) -> dict[str, RawSplit]:
             split = SPLIT_ALIASES.get(split_value)
             if split is None:
                 raise DataFormatError(path, f"{where}.split is {split_value!r}", f"use one of {', '.join(SPLIT_ALIASES)}")
+            _once(seen, f"{split}/{name}", where, path)
             raw = out.setdefault(split, RawSplit())
             raw.classes[name] = cls
             for key in ("raw", "raw_1", "raw_2", "raw_3", "raw_4"):
