@@ -42,6 +42,7 @@ from rsnc_bench.config import check_seed
 from rsnc_bench.data.formats import basename_of_any_path, read_caption_csv
 from rsnc_bench.data.split import Split
 from rsnc_bench.errors import ConfigError, DataFormatError, ManifestError
+from rsnc_bench.paths import temporary_path
 from rsnc_bench.registry import Registry
 
 FORMAT = "rsnc-bench/noise-manifest@1"
@@ -197,7 +198,7 @@ class NoiseManifest:
                 return "unchanged"
             raise ManifestError(f"{path} exists with other content; pass --force to replace it or choose another --out")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         tmp.write_text(self.to_json())
         os.replace(tmp, path)
         return "written"
@@ -212,6 +213,8 @@ class NoiseManifest:
             raise ManifestError(f"{path}: no such manifest; make one with `rsnc-bench noise make`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: not a JSON manifest ({exc}); make it again with `rsnc-bench noise make`") from None
+        except OSError as exc:  # a folder, an unreadable file
+            raise ManifestError(f"{path}: cannot be read ({exc.strerror}); give the path of a manifest JSON file") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ManifestError(f"{path}: not an rsnc-bench noise manifest (format {FORMAT}); make it with `rsnc-bench noise make`")
         stored = doc.pop("hash", None)

@@ -36,6 +36,7 @@ from PIL import Image
 
 from rsnc_bench import __version__
 from rsnc_bench.errors import ConfigError
+from rsnc_bench.paths import remove_stale_temporaries, temporary_path, writable_folder
 from rsnc_bench.progress import bar
 
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
@@ -138,7 +139,7 @@ def build_checkpoint(name: str, folder: Path) -> None:
     started = time.perf_counter()
     encoder = pretrain(recipe, progress=f"pretraining {name}")
     seconds = time.perf_counter() - started
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(encoder.model.state_dict(), tmp / WEIGHTS_NAME)
@@ -195,7 +196,9 @@ def ensure_checkpoint(name: str, force: bool = False) -> Path:
     if name not in RECIPES:
         raise ConfigError(f"no pretraining recipe named {name!r}; choose {', '.join(RECIPES)}")
     folder = checkpoint_dir(name)
+    writable_folder(folder.parent, "the pretrained-weights cache ($RSNC_BENCH_CACHE)")
     with _build_lock(folder):
+        remove_stale_temporaries(folder.parent)
         problem = "rebuild asked (--force)" if force else checkpoint_problem(name, folder)
         if problem is not None:
             print(f"{name}: building the pretrained checkpoint in {folder} ({problem}); "

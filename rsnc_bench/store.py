@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from rsnc_bench.errors import ConfigError, RsncError
+from rsnc_bench.paths import temporary_path
 
 SCHEMA = 1
 STATUSES = ("complete", "failed", "diverged")
@@ -134,7 +135,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
     """Write via a temporary file in the same folder and ``os.replace``; readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -205,7 +206,7 @@ class ResultStore:
             arrays["flagged_noisy"] = np.asarray(flagged_noisy, dtype=bool)
         path = self.scores_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         try:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)

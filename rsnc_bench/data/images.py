@@ -27,9 +27,10 @@ from PIL import Image
 
 from rsnc_bench.data.split import Split
 from rsnc_bench.errors import ImageReadError
+from rsnc_bench.paths import temporary_path
 from rsnc_bench.progress import bar
 
-CACHE_VERSION = "1"  # bump when the decode / resize rule changes
+CACHE_VERSION = "2"  # bump when the decode / resize rule changes
 
 
 def _unreadable(path, exc) -> ImageReadError:
@@ -45,12 +46,32 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise _unreadable(path, exc) from None
 
 
+def _rgb(image: Image.Image, path) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips integer and float greyscale at 255, so a 16-bit PNG
+    came out almost white: those are scaled by their bit depth instead (16 bit: / 257)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F":
+        if values.min() < 0 or top > 1:
+            raise ImageReadError(f"{path}: a floating-point image with values in [{values.min():g}, {top:g}], not [0, 1]; "
+                                 "convert it to 8-bit RGB")
+        scale = 255.0
+    else:
+        if values.min() < 0 or top > 65535:
+            raise ImageReadError(f"{path}: a 32-bit integer image with values beyond 16 bits; convert it to 8-bit RGB")
+        scale = 1.0 if image.mode == "I" and top <= 255 else 1 / 257
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+
+
 def load_image(path: str | Path, size: int | None) -> np.ndarray:
     """The image at ``path`` as a uint8 array (size, size, 3), or (h, w, 3) at its native
     resolution when ``size`` is None; an ImageReadError when it cannot be read."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _rgb(image, path)
             if size is None:
                 return np.array(image, dtype=np.uint8)
             w, h = image.size
@@ -60,6 +81,8 @@ def load_image(path: str | Path, size: int | None) -> np.ndarray:
             left, top = (rw - size) // 2, (rh - size) // 2
             image = image.crop((left, top, left + size, top + size))
             return np.array(image, dtype=np.uint8)
+    except ImageReadError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise _unreadable(path, exc) from None
 
@@ -131,7 +154,7 @@ class SplitImages:
         path = cache_dir / f"{self.split.name}-{resolution}-{self.cache_key()}.npy"
         if not path.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp = temporary_path(path)
             height, width = (self.size, self.size) if self.size is not None else self._canvas()
             shape = (self.split.n_images, height, width, 3)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

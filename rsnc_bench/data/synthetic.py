@@ -31,6 +31,7 @@ from rsnc_bench import __version__
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, data_home
 from rsnc_bench.data.formats import Layout
 from rsnc_bench.errors import ConfigError
+from rsnc_bench.paths import temporary_path, writable_folder
 from rsnc_bench.progress import bar
 
 JSON_NAME = "dataset_synthetic.json"
@@ -506,7 +507,7 @@ def draw_image(seed: int, index: int, size: int, dup_fraction: float, domain: st
 
 def write_dataset(root: Path, options: SyntheticOptions) -> None:
     """Draw the dataset into ``root`` (Karpathy JSON + images/), atomically."""
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(root)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     plan = [("train", options.n_train), ("val", options.n_val), ("test", options.n_test)]
@@ -560,6 +561,7 @@ class Synthetic(DatasetSpec):
             if made_with != asdict(self.options):
                 raise ConfigError(f"{root} holds synthetic data made with {made_with}; choose another --data-root or delete it")
             return
+        writable_folder(root, "the synthetic data folder (--data-root or $RSNC_BENCH_DATA)")
         if root.exists() and any(root.iterdir()):
             raise ConfigError(f"{root} exists and is not a synthetic dataset folder; choose an empty or new --data-root")
         write_dataset(root, self.options)
