@@ -21,6 +21,7 @@ from rsnc_bench.errors import RsncError
 from rsnc_bench.grid_config import GridConfig, load_grid
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest, manifest_path
+from rsnc_bench.paths import readable_file, remove_stale_temporaries, writable_folder
 from rsnc_bench.registry import first_line
 
 app = typer.Typer(help="Benchmark for remote-sensing image-text retrieval under noisy correspondence.",
@@ -34,13 +35,17 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(command):
-    """Turn an RsncError into one line on stderr and exit status 2."""
+    """Turn an RsncError (or an OSError) into one line on stderr and exit status 2."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except RsncError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # what the file system refused where no check caught it first (a full disk)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}; check that path's space and permissions", err=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -86,6 +91,7 @@ def noise_make(
     values = [check_rate(r) for r in parse_floats(rates, "noise rates")]
     check_seed(seed, "noise seed")
     PROTOCOLS.get(protocol)
+    writable_folder(out, "--out")
     spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
     if "train" not in data.splits:
         raise RsncError(f"dataset {spec.name!r} has no train split in this layout; noise goes into train rows only")
@@ -139,8 +145,9 @@ def noise_import(
 
     Example: rsnc-bench noise import RSITMD-NC-06.csv -d rsitmd --layout csv --data-root data/rsitmd --rate 0.6
     """
-    if not noisy_csv.is_file():
-        raise RsncError(f"{noisy_csv}: no such file; give the noisy CSV to import")
+    readable_file(noisy_csv, "the noisy CSV")
+    if out is not None:
+        writable_folder(out.parent, "--out's folder")
     spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
     if "train" not in data.splits:
         raise RsncError(f"dataset {spec.name!r} has no train split in this layout; a noisy file replaces train rows")
@@ -166,7 +173,11 @@ def data_check(
 
     Example: rsnc-bench data check -d rsicd --data-root ../shared/data/rsicd-subset --cache-dir cache
     """
+    if cache_dir is not None:
+        writable_folder(cache_dir, "--cache-dir")
     spec, data = load_for_cli(dataset, dataset_opt, data_root, layout, image_dir)
+    if cache_dir is not None:
+        remove_stale_temporaries(cache_dir)
     for split in data.splits.values():
         images = SplitImages(split, size, cache_dir)
         if cache_dir is None:
@@ -313,6 +324,8 @@ def report(
 
     if not out.is_dir():
         raise RsncError(f"result folder {out} not found; run `rsnc-bench run --out {out}` first")
+    writable_folder(out, "--out")  # the leaderboard is written there
+    writable_folder(report_dir or out / "report", "--report-dir")
     options = ReportOptions(methods=_patterns(methods), datasets=_patterns(datasets), backbones=_patterns(backbones),
                             metric=metric, rate=rate, references=references, use_references=not no_references,
                             compare_to=compare_to, split=split, report_dir=report_dir)

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
-from rsnc_bench.backbones import WeightsNotFoundError, describe_backbones
+from rsnc_bench.backbones import WeightsNotFoundError, build_backbone, describe_backbones
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.cell import CellSpec, check_recorded_manifest, load_data, method_config, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, check_inputs, check_recorded_manifest, method_config, run_cell, train_config
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, check_rate
+from rsnc_bench.paths import remove_stale_temporaries, writable_folder
 from rsnc_bench.pretrain import RECIPES, ensure_checkpoint
 from rsnc_bench.progress import bar, silence
 from rsnc_bench.store import CellKey, ResultStore
@@ -140,7 +142,7 @@ class GridOutcome(NamedTuple):
 
 def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> GridOutcome:
     """Run every cell that is not complete (each under its lock, so runners can share a folder)."""
-    store = ResultStore(grid.out)
+    store = ResultStore(writable_folder(grid.out, "--out"))
     cells = expand(grid)
     devices, threads = worker_plan(grid.device, grid.workers)
     todo = []  # (cell, its result file's state now: the cell is skipped if another runner changes it)
@@ -149,9 +151,14 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             check_recorded_manifest(spec, store, store.read(spec.key))
             continue
         todo.append((spec, store.state(spec.key)))
-    store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
+    for spec, _ in todo:
+        check_inputs(spec, store)
     for name in {spec.key.backbone for spec, _ in todo} & set(RECIPES):
         ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
+    for config in dict.fromkeys(spec.backbone for spec, _ in todo):
+        build_backbone(config)  # its options and weights files, once per distinct backbone
+    remove_stale_temporaries(store.root, notice=tqdm.write)
+    store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
     docs, elsewhere = [], 0
 
     def done(doc: dict | None) -> None:
@@ -168,8 +175,6 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             for spec, state in _progress(todo):
                 done(run_cell(spec, store, device, planned=state, force=grid.force))
         return GridOutcome(docs, len(cells) - len(todo), elsewhere)
-    for spec, _ in todo:
-        load_data(spec)  # a synthetic dataset is drawn here, once, not by several workers at a time
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = context.Manager().Queue()
     for device in devices:

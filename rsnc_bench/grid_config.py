@@ -108,6 +108,21 @@ def _coerce(name: str, value: Any, where: str):
         raise ConfigError(f"{where}: {name} must be a list of {item.__name__} values, e.g. {name}: [0.2, 0.6]") from None
 
 
+class _AliasError(yaml.YAMLError):
+    def __init__(self, line: int):
+        self.line = line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a few nested aliases (a "billion laughs" file) expand to
+    gigabytes once the values are read; a grid file has no need for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasError(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
 def load_grid(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GridConfig:
     """The defaults, then the YAML file's values, then the command line's (those not None)."""
     values: dict[str, Any] = {}
@@ -116,7 +131,11 @@ def load_grid(path: str | Path | None = None, overrides: dict[str, Any] | None =
         if not path.is_file():
             raise ConfigError(f"grid file {path} not found; give --config a YAML file such as benchmarks/grids/rsicd-subset.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader) or {}
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"grid file {path} cannot be read as UTF-8 text ({exc}); re-save it as UTF-8") from None
+        except _AliasError as exc:
+            raise ConfigError(f"{path}, line {exc.line}: YAML aliases (*name) are not allowed in a grid file; write the values out") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             raise ConfigError(f"{path}{'' if line is None else f', line {line + 1}'}: not valid YAML; check indentation and colons") from None

@@ -91,6 +91,16 @@ def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_d
     return manifest, path
 
 
+def check_inputs(spec: CellSpec, store: ResultStore) -> None:
+    """What a cell would otherwise find only once started: its dataset's files and images (loaded
+    once per process, so a synthetic one is drawn here, not by several workers at a time) and a
+    saved manifest that no longer fits them."""
+    dataset_spec, data = load_data(spec)
+    path = _manifest_path(spec.key, store.root / "noise" / dataset_spec.label(spec.layout))
+    if path.exists():
+        NoiseManifest.load(path).check_split(data["train"], where=str(path))
+
+
 def _manifest_path(key: CellKey, folder: Path) -> Path:
     return manifest_path(folder, key.noise_protocol, key.noise_rate, key.noise_seed)
 

@@ -50,6 +50,16 @@ class TrainConfig:
             raise ConfigError(f"train option precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.epochs < 0 or self.batch_size < 2:
             raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
+        for name, low, strict in _RANGES:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise ConfigError(f"train option {name}={value}; give a number {'>' if strict else '>='} {low:g}, e.g. "
+                                  f"{name}={getattr(TrainConfig, name):g}")
+
+
+# (field, lower bound, bound excluded): a NaN learning rate trained nothing, and eval_chunk=0 failed only after training
+_RANGES = (("lr", 0.0, True), ("warmup_steps", 0, False), ("weight_decay", 0.0, False), ("grad_clip", 0.0, True),
+           ("eval_chunk", 1, False), ("checkpoint_seconds", 0.0, False))
 
 
 def plain_data(value):
