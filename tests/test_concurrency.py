@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.engine.cell import run_cell
@@ -50,10 +55,10 @@ def test_a_cell_held_or_written_by_another_runner_is_not_run(tmp_path, synthetic
     assert run_cell(cell, store, planned=store.state(cell.key), force=True)["status"] == "complete"
 
 
-def _runner(out: Path, root: Path, noise: str) -> subprocess.Popen:
+def _runner(out: Path, root: Path, noise: str, *train: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "rsnc_bench", "run", "--backbone", "tiny-vit", "--methods", "clip-ft", "--noise", noise,
             "--seeds", "3", "--data-root", str(root), *TINY_ARGS, "-t", "epochs=3", "-t", "batch_size=16",
-            "--device", "cpu", "--workers", "1", "--out", str(out)]
+            *(a for option in train for a in ("-t", option)), "--device", "cpu", "--workers", "1", "--out", str(out)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -61,18 +66,54 @@ def _cells_run(output: str) -> int:
     return int(re.search(r"(\d+) cells run", output).group(1))
 
 
-def test_two_runners_on_overlapping_grids_run_each_cell_once_and_correctly(tmp_path, synthetic_root):
-    clean = _runner(tmp_path / "clean", synthetic_root, "0,0.2,0.4,0.6")
-    clean_out = clean.communicate(timeout=600)[0]
-    assert clean.returncode == 0, clean_out
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, synthetic_root) -> tuple[Path, float]:
+    """The tiny grid run once, alone and uninterrupted: the results the other runs must reproduce,
+    and how long it took."""
+    out, started = tmp_path_factory.mktemp("clean"), time.perf_counter()
+    clean = _runner(out, synthetic_root, "0,0.4,0.8")
+    assert clean.wait(timeout=600) == 0
+    return out, time.perf_counter() - started
+
+
+def test_two_runners_on_overlapping_grids_run_each_cell_once_and_correctly(tmp_path, synthetic_root, clean_run):
     shared = tmp_path / "shared"
-    first, second = _runner(shared, synthetic_root, "0,0.2,0.4"), _runner(shared, synthetic_root, "0.2,0.4,0.6")
+    first, second = _runner(shared, synthetic_root, "0,0.4"), _runner(shared, synthetic_root, "0.4,0.8")
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
-    assert _cells_run(outputs[0]) + _cells_run(outputs[1]) == 4, outputs  # the union, each cell once
-    for path in sorted((tmp_path / "clean" / "synthetic").rglob("*.json")):
-        expected = json.loads(path.read_text())
-        got = json.loads((shared / path.relative_to(tmp_path / "clean")).read_text())
-        assert got["status"] == "complete" and got["selected_epoch"] == expected["selected_epoch"]
-        assert got["test"] == expected["test"], path.name
+    assert _cells_run(outputs[0]) + _cells_run(outputs[1]) == 3, outputs  # the union, each cell once
+    expected = _results(clean_run[0])
+    for path, doc in _results(shared).items():
+        assert doc["status"] == "complete" and doc["selected_epoch"] == expected[path]["selected_epoch"]
+        assert doc["test"] == expected[path]["test"], path
     assert not list(shared.rglob("*.lock")) and not list(shared.rglob("*.ckpt"))
+
+
+def _results(folder: Path) -> dict[str, dict]:
+    """Every result document under ``folder`` by relative path; each must parse (none half-written)."""
+    return {p.relative_to(folder).as_posix(): json.loads(p.read_text())
+            for p in sorted((folder / "synthetic").rglob("*.json")) if ".ckpt" not in p.as_posix()}
+
+
+def test_a_grid_killed_at_random_points_loses_nothing_and_matches_a_clean_run(tmp_path, synthetic_root, clean_run):
+    """kill -9 at seeded random moments (while loading, training, checkpointing, writing), then a
+    rerun: no finished cell is lost or corrupted, and every result is the clean run's."""
+    expected, duration = _results(clean_run[0]), clean_run[1]
+    killed, rng, finished = tmp_path / "killed", random.Random(15), set()
+    for _ in range(4):
+        runner = _runner(killed, synthetic_root, "0,0.4,0.8", "checkpoint_seconds=0")
+        time.sleep(rng.uniform(0.2, 0.8) * duration)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        now = {path for path, doc in _results(killed).items() if doc["status"] == "complete"}
+        assert finished <= now  # nothing finished is lost
+        finished = now
+    final = _runner(killed, synthetic_root, "0,0.4,0.8", "checkpoint_seconds=0")
+    output = final.communicate(timeout=600)[0]
+    assert final.returncode == 0, output
+    got = _results(killed)
+    assert set(got) == set(expected)
+    for path, doc in got.items():
+        assert doc["status"] == "complete" and doc["test"] == expected[path]["test"], path
+        assert [e["loss"] for e in doc["history"]] == [e["loss"] for e in expected[path]["history"]], path
+    assert not list(killed.rglob("*.lock")) and not list(killed.rglob("*.ckpt"))
