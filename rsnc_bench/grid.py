@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rsnc_bench.backbones import WeightsNotFoundError, build_backbone, describe_backbones
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.cell import CellSpec, check_inputs, check_recorded_manifest, method_config, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, cache_images, check_inputs, check_recorded_manifest, method_config, run_cell, train_config
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
@@ -155,8 +155,14 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
         check_inputs(spec, store)
     for name in {spec.key.backbone for spec, _ in todo} & set(RECIPES):
         ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
-    for config in dict.fromkeys(spec.backbone for spec, _ in todo):
-        build_backbone(config)  # its options and weights files, once per distinct backbone
+    image_sizes = {config: build_backbone(config).image_size  # options and weights files, once per backbone
+                   for config in dict.fromkeys(spec.backbone for spec, _ in todo)}
+    cached = set()
+    for spec, _ in todo:  # an unreadable image stops the grid here, not in every cell
+        images = (spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options, image_sizes[spec.backbone])
+        if images not in cached:
+            cached.add(images)
+            cache_images(spec, store, image_sizes[spec.backbone])
     remove_stale_temporaries(store.root, notice=tqdm.write)
     store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
     docs, elsewhere = [], 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from rsnc_bench.errors import ConfigError
 
@@ -84,3 +85,22 @@ def remove_stale_temporaries(folder: str | Path, notice: Callable[[str], None] =
     if count:
         notice(f"{folder}: removed {count} temporary file(s) of killed runs ({freed / 2**20:.1f} MiB)")
     return freed
+
+
+@contextlib.contextmanager
+def removed_on_error(folder: Path) -> Iterator[None]:
+    """On an exception in the block, delete the files and folders it created under ``folder`` (and
+    ``folder`` and its parents, where the block created them), so a refused input leaves nothing."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    try:
+        yield
+    except BaseException:
+        created = set(folder.rglob("*")) - before if folder.exists() else set()
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise

@@ -196,6 +196,7 @@ CASES = [
     case("run-layout", lambda t: run_rsicd(rsicd(t / "data"), "--layout", "amfmn"), "rsicd_precomp", "not found"),
     case("run-data-root", lambda t: run_rsicd(t / "nowhere"), "nowhere/dataset_rsicd.json", "--data-root"),
     case("run-dataset-leakage", lambda t: run_rsicd(rsicd(t / "data", TRAIN + [("airport_0.jpg", "test", five("leak"))] + TEST)), "train/test leakage"),
+    case("run-corrupt-image", lambda t: run_rsicd(overwrite(rsicd(t / "data"), "RSICD_images/beach_2.jpg", b"GIF89a")), "beach_2.jpg", "cannot read image", "replace the file"),
     case("run-missing-image", lambda t: run_rsicd(unlink(rsicd(t / "data"), "RSICD_images/airport_3.jpg")), "images listed in", "missing"),
     case("noise-seed", lambda t: ["noise", "make", "--seed", "-5", "--out", t / "noise"], "noise seed -5 is outside"),
     case("noise-rate", lambda t: ["noise", "make", "-r", "1.5", "--out", t / "noise"], "outside [0, 1)"),
@@ -281,8 +282,9 @@ def tamper(path: Path) -> Path:
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+    """Every file (size, time) and folder under ``folder``."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in folder.rglob("*") if not p.is_symlink()}
 
 
 def test_the_corpus_is_large():

@@ -21,6 +21,7 @@ from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, get_dataset
+from rsnc_bench.data.images import SplitImages
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
@@ -29,6 +30,7 @@ from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_de
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, Method
+from rsnc_bench.paths import removed_on_error
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.store import CellKey, ResultStore
 
@@ -99,6 +101,20 @@ def check_inputs(spec: CellSpec, store: ResultStore) -> None:
     path = _manifest_path(spec.key, store.root / "noise" / dataset_spec.label(spec.layout))
     if path.exists():
         NoiseManifest.load(path).check_split(data["train"], where=str(path))
+
+
+def cache_images(spec: CellSpec, store: ResultStore, image_size: int) -> None:
+    """Decode the cell's images into the cache its cells read (train at native size, val and test
+    at the backbone's): before the grid, so that an unreadable image stops it before any training."""
+    dataset_spec, data = load_data(spec)
+    cache = _image_cache(store, dataset_spec.label(spec.layout))
+    with removed_on_error(cache):  # the caches of the splits before a bad image go too
+        for split in data.splits.values():
+            SplitImages(split, None if split.name == "train" else image_size, cache)
+
+
+def _image_cache(store: ResultStore, label: str) -> Path:
+    return store.root / "cache" / label
 
 
 def _manifest_path(key: CellKey, folder: Path) -> Path:
@@ -194,7 +210,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     method: Method = method_cls(build_backbone(spec.backbone), mconfig)
     if method.backbone.provenance:
         doc["config"]["backbone_weights"] = method.backbone.provenance
-    cache = store.root / "cache" / label
+    cache = _image_cache(store, label)
     train = split_tensors(train_split, method.backbone, cache, native=True)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache) for s in (data["val"], data["test"]))
     rows = np.arange(train.n_rows)
