@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rsnc_bench.errors import RsncError
+
 
 def _holder() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -39,6 +41,10 @@ def _open_locked(path: Path) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (an NFS v3 mount without lockd)
+            os.close(fd)
+            raise RsncError(f"{path}: the file system refuses locks ({exc.strerror}); put --out on a local or "
+                            "lock-capable file system") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

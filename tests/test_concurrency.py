@@ -117,3 +117,18 @@ def test_a_grid_killed_at_random_points_loses_nothing_and_matches_a_clean_run(tm
         assert doc["status"] == "complete" and doc["test"] == expected[path]["test"], path
         assert [e["loss"] for e in doc["history"]] == [e["loss"] for e in expected[path]["history"]], path
     assert not list(killed.rglob("*.lock")) and not list(killed.rglob("*.ckpt"))
+
+
+def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from rsnc_bench.errors import RsncError
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(RsncError, match="refuses locks .*lock-capable file system"):
+        with cell_lock(tmp_path / "cell.lock"):
+            pass
