@@ -134,6 +134,23 @@ def _run_in_worker(spec: CellSpec, root: str, planned, force: bool) -> dict | No
     return run_cell(spec, ResultStore(root), _WORKER_DEVICE, planned=planned, force=force)
 
 
+def check_before_training(specs: list[CellSpec], store: ResultStore) -> None:
+    """What cells would otherwise find only once started, found once before any trains: each
+    dataset's files, images and saved manifests, the built-in checkpoints (built if missing), and
+    each distinct backbone, built once (its options and weights files)."""
+    for spec in specs:
+        check_inputs(spec, store)
+    for name in {spec.key.backbone for spec in specs} & set(RECIPES):
+        ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
+    image_sizes = {config: build_backbone(config).image_size for config in dict.fromkeys(spec.backbone for spec in specs)}
+    cached = set()
+    for spec in specs:  # an unreadable image stops the grid here, not in every cell
+        images = (spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options, image_sizes[spec.backbone])
+        if images not in cached:
+            cached.add(images)
+            cache_images(spec, store, image_sizes[spec.backbone])
+
+
 class GridOutcome(NamedTuple):
     docs: list[dict]  # the documents of the cells run here
     skipped: int  # cells complete before the grid started
@@ -151,18 +168,7 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             check_recorded_manifest(spec, store, store.read(spec.key))
             continue
         todo.append((spec, store.state(spec.key)))
-    for spec, _ in todo:
-        check_inputs(spec, store)
-    for name in {spec.key.backbone for spec, _ in todo} & set(RECIPES):
-        ensure_checkpoint(name)  # once, here, before any cell (or worker) needs it
-    image_sizes = {config: build_backbone(config).image_size  # options and weights files, once per backbone
-                   for config in dict.fromkeys(spec.backbone for spec, _ in todo)}
-    cached = set()
-    for spec, _ in todo:  # an unreadable image stops the grid here, not in every cell
-        images = (spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options, image_sizes[spec.backbone])
-        if images not in cached:
-            cached.add(images)
-            cache_images(spec, store, image_sizes[spec.backbone])
+    check_before_training([spec for spec, _ in todo], store)
     remove_stale_temporaries(store.root, notice=tqdm.write)
     store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
     docs, elsewhere = [], 0

@@ -1,4 +1,6 @@
-"""Checks of the folders a command will write into, made before it writes anything."""
+"""The file system around a command's outputs: the folders it will write into, checked before it
+writes anything; the temporary names of atomic writes, and what killed writers left under them;
+undoing the partial writes of a refused command."""
 
 from __future__ import annotations
 

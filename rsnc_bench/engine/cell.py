@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.backbones import BackboneConfig, build_backbone, train_hints
+from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, get_dataset
 from rsnc_bench.data.images import SplitImages
@@ -30,8 +30,8 @@ from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_de
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, Method
-from rsnc_bench.paths import removed_on_error
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
+from rsnc_bench.paths import removed_on_error
 from rsnc_bench.store import CellKey, ResultStore
 
 
