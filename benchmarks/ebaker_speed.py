@@ -47,7 +47,7 @@ def make_runner(name: str, backbone: str, train, captions, batch_size: int, seed
 
 def reference_ker_loss(method, batch) -> torch.Tensor:
     """EBAKER's KER loss the straightforward way (methods.md 4.2), for the equality check."""
-    from methods.keywords import IGNORE_LABEL
+    from rsnc_builtin_methods.keywords import IGNORE_LABEL
 
     head = method.ker
     images = method.backbone.encode_image(batch.images, tokens=True)
@@ -65,7 +65,7 @@ def reference_ker_loss(method, batch) -> torch.Tensor:
 
 
 def check_ker(runner: StepRunner) -> str:
-    from methods.keywords import ker_loss
+    from rsnc_builtin_methods.keywords import ker_loss
 
     method = runner.method
     rows, image_ids = runner.batches[0]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.pnaa import MASKED, SAFE_EXPONENT, Scratch
+from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, Scratch
 
 
 @dataclass

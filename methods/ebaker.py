@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
-from methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
-from methods.sar import sar_rerank
+from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
+from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
+from rsnc_builtin_methods.sar import sar_rerank
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 

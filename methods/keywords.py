@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.linear_ce import LogitWorkspace, linear_cross_entropy
+from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
 from rsnc_bench.errors import ConfigError
 
 # The original code drops CLIP's last BPE merge so that id 49405 becomes <|mask|>, keeping the

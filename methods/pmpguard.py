@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from methods.cga import CrossGatedAttention, Fused, Regions, Words
-from methods.clip_pipeline import cosine_matrix
-from methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
+from rsnc_builtin_methods.cga import CrossGatedAttention, Fused, Regions, Words
+from rsnc_builtin_methods.clip_pipeline import cosine_matrix
+from rsnc_builtin_methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
 from rsnc_bench.backbones import Features
 from rsnc_bench.backbones.base import trim_padding_columns
 from rsnc_bench.errors import ConfigError

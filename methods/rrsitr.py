@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
+from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 

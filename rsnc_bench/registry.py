@@ -62,10 +62,19 @@ class Registry(Generic[T]):
             return
         self._discovered = True
         for ep in entry_points(group=self._group):
+            before = len(self._entries)
             try:
                 ep.load()  # importing the module runs its @register decorators
             except Exception as exc:  # a broken plugin must not hide the others
                 raise RsncError(f"plugin entry point {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+            if len(self._entries) == before and not self._registered_from(ep.value.split(":")[0]):
+                raise RsncError(f"plugin entry point {ep.name!r} ({ep.value}) loaded but registered no {self.kind}; "
+                                f"its modules must register theirs on import (see docs/plugins.md)")
+
+    def _registered_from(self, package: str) -> bool:
+        """Whether an entry comes from ``package`` (imported before discovery, so not counted then)."""
+        modules = (getattr(obj, "__module__", "") or "" for obj in self._entries.values())
+        return any(module == package or module.startswith(package + ".") for module in modules)
 
 
 def first_line(doc: str | None) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
+from rsnc_builtin_methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext
@@ -130,7 +130,7 @@ def reference_training_loss(method: Ebaker, batch: Batch) -> torch.Tensor:
     """The EBAKER objective at epoch 1 (nothing eliminated) the straightforward way: separate
     text-tower calls for the caption and its masked copy, the local score in its direct form, the
     KER head through nn.MultiheadAttention at every position and F.cross_entropy on full logits."""
-    from methods.keywords import mlm_loss
+    from rsnc_builtin_methods.keywords import mlm_loss
 
     backbone, head = method.backbone, method.ker
     texts, images = backbone.encode_text(batch.text, tokens=True), backbone.encode_image(batch.images, tokens=True)

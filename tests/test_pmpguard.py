@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import methods.pmpguard as pmp
-from methods.cga import CrossGatedAttention
-from methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
+import rsnc_builtin_methods.pmpguard as pmp
+from rsnc_builtin_methods.cga import CrossGatedAttention
+from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError

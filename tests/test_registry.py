@@ -50,6 +50,41 @@ def test_a_broken_plugin_is_a_clear_error(monkeypatch):
 
 def test_builtin_methods_package_is_an_installed_entry_point():
     eps = {ep.name: ep.value for ep in entry_points(group="rsnc_bench.methods")}
-    assert eps.get("builtin") == "methods"
+    assert eps.get("builtin") == "rsnc_builtin_methods"
     from rsnc_bench.methods import METHODS
     METHODS.names()  # importing the built-in package through the entry point works
+
+
+def test_a_plugin_that_registers_nothing_is_a_clear_error(monkeypatch):
+    reg = Registry("method", entry_point_group="test.empty")
+    empty = EntryPoint(name="empty", value="json", group="test.empty")  # imports fine, registers nothing
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [empty])
+    with pytest.raises(RsncError, match="plugin entry point 'empty' \\(json\\) loaded but registered no method"):
+        reg.names()
+
+
+def test_builtins_are_listed_from_a_folder_with_its_own_methods_package(tmp_path):
+    """A generic `methods` import name was shadowed by the user's own methods/ package: the list
+    came out empty, exit 0."""
+    import subprocess
+    import sys
+
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "__init__.py").write_text("MINE = True\n")
+    result = subprocess.run([sys.executable, "-m", "rsnc_bench", "list", "methods"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert {"clip-ft", "oracle", "rrsitr", "ebaker", "iebaker", "pmpguard", "zeroshot"} <= listed
+
+
+def test_the_package_list_holds_every_subpackage():
+    """pyproject.toml lists the packages (the methods/ folder is installed under another name):
+    a subpackage missing from the list would be missing from every non-editable install."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rsnc_bench").rglob("__init__.py")}
+    assert found | {"rsnc_builtin_methods"} == listed

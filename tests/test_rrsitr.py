@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import methods.clip_pipeline as pipeline
-from methods.rrsitr import (AMBIGUOUS, CLEAN, NOISY, Rrsitr, RrsitrConfig, pair_losses, robust_triplet, rrsitr_terms,
+import rsnc_builtin_methods.clip_pipeline as pipeline
+from rsnc_builtin_methods.rrsitr import (AMBIGUOUS, CLEAN, NOISY, Rrsitr, RrsitrConfig, pair_losses, robust_triplet, rrsitr_terms,
                             self_paced_split, spl_regulariser)
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.sar import sar_rerank
+from rsnc_builtin_methods.sar import sar_rerank
 from rsnc_bench.engine.retrieval import Reranked, grouped_recall, grouped_recall_reranked
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.leaderboard import leaderboard, to_markdown
@@ -85,7 +85,7 @@ def test_ties_follow_the_stable_rule(seed):
 
 
 def test_chunked_rank_computation(monkeypatch):
-    import methods.sar as sar
+    import rsnc_builtin_methods.sar as sar
 
     s = torch.from_numpy(np.round(np.random.RandomState(7).randn(40, 15), 1).astype(np.float32))
     whole = sar_rerank(s, 4)
