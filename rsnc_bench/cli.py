@@ -5,7 +5,10 @@ User errors (``RsncError``) print one line and exit with status 2, without a tra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -227,43 +230,14 @@ RUN_HELP = f"""Train and evaluate every missing cell of a grid, then print the l
     """
 
 
-@app.command("run", help=RUN_HELP)
-@user_errors
-def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML grid file; command-line values override it."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods or wildcards." + _default("methods")),
-    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets." + _default("datasets")),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone(s), comma-separated (see `list backbones`)." + _default("backbones")),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local weights file for the backbone (never downloaded)."),
-    quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force QuickGELU: needed for OpenAI-initialised weights such as RemoteCLIP and GeoRSCLIP ViT-B-32."),
-    backbone_opt: Optional[List[str]] = typer.Option(None, "--backbone-opt", "-b", help="Backbone family option name=value (e.g. text=/models/bert); repeatable."),
-    noise: Optional[str] = typer.Option(None, "--noise", help="Comma-separated noise rates." + _default("noise")),
-    noise_protocol: Optional[str] = typer.Option(None, "--noise-protocol", help="Noise protocol (see `list noise`)." + _default("noise_protocol")),
-    noise_seeds: Optional[str] = typer.Option(None, "--noise-seeds", help="Comma-separated noise seeds." + _default("noise_seeds")),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds." + _default("seeds")),
-    data_root: Optional[Path] = DataRootOpt,
-    layout: Optional[str] = LayoutOpt,
-    dataset_opt: Optional[List[str]] = DatasetOptsOpt,
-    train_opt: Optional[List[str]] = typer.Option(None, "--train-opt", "-t", help="Training option name=value (epochs, batch_size, lr, precision, ...); repeatable."),
-    method_opt: Optional[List[str]] = typer.Option(None, "--method-opt", "-m", help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Result folder." + _default("out")),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N." + _default("device")),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Cells run at once: 0 is one per GPU, or on a CPU one per core, each single-threaded." + _default("workers")),
-    force: bool = typer.Option(False, "--force", help="Rerun cells that are already complete."),
-):
+def run(config: Optional[Path] = None, **values) -> None:
     """Train and evaluate every missing cell of a grid, then print the leaderboard (help: RUN_HELP)."""
-    from rsnc_bench.grid import run_grid
-    from rsnc_bench.leaderboard import summary_line
     from tqdm.auto import tqdm
 
-    cli_values = dict(
-        methods=methods, datasets=datasets, backbones=backbone, pretrained=pretrained, quick_gelu=quick_gelu,
-        backbone_options=backbone_opt or None, noise=noise, noise_protocol=noise_protocol, noise_seeds=noise_seeds,
-        seeds=seeds, data_root=None if data_root is None else str(data_root), layout=layout,
-        dataset_options=dataset_opt or None, train=train_opt or None, method_options=method_opt or None,
-        out=None if out is None else str(out), device=device, workers=workers, force=force or None,
-    )
-    grid = load_grid(config, cli_values)
+    from rsnc_bench.grid import run_grid
+    from rsnc_bench.leaderboard import summary_line
+
+    grid = load_grid(config, values)
     docs, skipped, elsewhere = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
     failed = sum(doc["status"] != "complete" for doc in docs)
     beside = f", {elsewhere} run by another runner on this folder" if elsewhere else ""
@@ -271,6 +245,30 @@ def run(
     _write_report(Path(grid.out))
     if failed:
         raise typer.Exit(1)
+
+
+def _run_parameters() -> list[inspect.Parameter]:
+    """`run`'s options: --config, then one per GridConfig field, from the field's CliFlag."""
+    hints = typing.get_type_hints(GridConfig)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--config", "-c", help="YAML grid file; command-line values override it."))]
+    for field in dataclasses.fields(GridConfig):
+        flag, kind = field.metadata["cli"], hints[field.name]
+        names = flag.names
+        if kind is bool:
+            annotation, names = Optional[bool], (f"{names[0]}/--no-{names[0][2:]}", *names[1:])
+        elif typing.get_origin(kind) is tuple:
+            annotation = Optional[List[str]] if flag.repeat else Optional[str]
+        else:
+            annotation = Optional[int] if kind is int else Optional[str]
+        default = "" if field.default in (None, ()) or kind is bool else _default(field.name)
+        option = typer.Option(None, *names, help=flag.help + default)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option))
+    return params
+
+
+run.__signature__ = inspect.Signature(_run_parameters())
+app.command("run", help=RUN_HELP)(user_errors(run))
 
 
 @app.command("pretrain")

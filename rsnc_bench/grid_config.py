@@ -13,41 +13,62 @@ from typing import Any
 
 import yaml
 
-from rsnc_bench.config import check_seed
 from rsnc_bench.backbones.base import BackboneConfig
+from rsnc_bench.config import check_seed
 from rsnc_bench.errors import ConfigError
-
 
 NON_EMPTY = {"methods": "--methods clip-ft", "datasets": "--datasets synthetic", "backbones": "--backbone tiny-clip",
              "noise": "--noise 0.4", "noise_seeds": "--noise-seeds 42", "seeds": "--seeds 3"}  # fields a grid needs, with an example
 
 
 @dataclass(frozen=True)
+class CliFlag:
+    """How a grid field appears on `rsnc-bench run`: its option names and help. List fields take
+    a comma-separated value, or with ``repeat`` one value per use of the option."""
+
+    names: tuple[str, ...]
+    help: str
+    repeat: bool = False
+
+
+def _field(default: Any, *names: str, help: str, repeat: bool = False) -> Any:
+    return dataclasses.field(default=default, metadata={"cli": CliFlag(names, help, repeat)})
+
+
+@dataclass(frozen=True)
 class GridConfig:
     """A grid. The defaults are the built-in main job: every registered method fine-tuned from the
-    built-in pretrained CPU backbone on the synthetic dataset, noise 0.0 / 0.4 / 0.8, three seeds."""
+    built-in pretrained CPU backbone on the synthetic dataset, noise 0.0 / 0.4 / 0.8, three seeds.
+    Each field is a `run` option too (``CliFlag``), so none is missing from the command line."""
 
-    methods: tuple[str, ...] = ("*",)  # names or wildcards
-    datasets: tuple[str, ...] = ("synthetic",)
-    backbones: tuple[str, ...] = ("tiny-clip",)
-    pretrained: str | None = None  # local weights file for the backbone(s)
-    quick_gelu: bool = False
-    freeze_image: bool = False
-    freeze_text: bool = False
-    backbone_options: tuple[str, ...] = ()  # family options, name=value
-    noise: tuple[float, ...] = (0.0, 0.4, 0.8)
-    noise_protocol: str = "rrsitr"  # the field's generator (protocol.md 4.1), byte-compatible with RRSITR's files
-    noise_seeds: tuple[int, ...] = (42,)
-    seeds: tuple[int, ...] = (3, 13, 25)  # training seeds (RRSITR's first three; methods.md 8.14)
-    data_root: str | None = None
-    layout: str | None = None
-    dataset_options: tuple[str, ...] = ()  # name=value, for every dataset of the grid
-    train: tuple[str, ...] = ()  # TrainConfig overrides, name=value
-    method_options: tuple[str, ...] = ()  # method:name=value
-    out: str = "runs"
-    device: str = "auto"  # auto, cpu, cuda, cuda:1
-    workers: int = 0  # cells at once; 0: one per GPU, or on a CPU one per core, each single-threaded
-    force: bool = False
+    methods: tuple[str, ...] = _field(("*",), "--methods", help="Comma-separated methods or wildcards.")
+    datasets: tuple[str, ...] = _field(("synthetic",), "--datasets", help="Comma-separated datasets.")
+    backbones: tuple[str, ...] = _field(("tiny-clip",), "--backbone", help="Backbone(s), comma-separated (see `list backbones`).")
+    pretrained: str | None = _field(None, "--pretrained", help="Local weights file for the backbone (never downloaded).")
+    quick_gelu: bool = _field(False, "--quick-gelu", help="Force QuickGELU: needed for OpenAI-initialised weights such as RemoteCLIP "
+                                                          "and GeoRSCLIP ViT-B-32.")
+    freeze_image: bool = _field(False, "--freeze-image", help="Freeze the image tower (its parameters are not trained).")
+    freeze_text: bool = _field(False, "--freeze-text", help="Freeze the text tower.")
+    backbone_options: tuple[str, ...] = _field((), "--backbone-opt", "-b", repeat=True,
+                                               help="Backbone family option name=value (e.g. text=/models/bert); repeatable.")
+    noise: tuple[float, ...] = _field((0.0, 0.4, 0.8), "--noise", help="Comma-separated noise rates.")
+    # the field's generator (protocol.md 4.1), byte-compatible with RRSITR's files
+    noise_protocol: str = _field("rrsitr", "--noise-protocol", help="Noise protocol (see `list noise`).")
+    noise_seeds: tuple[int, ...] = _field((42,), "--noise-seeds", help="Comma-separated noise seeds.")
+    # training seeds: RRSITR's first three (methods.md 8.14)
+    seeds: tuple[int, ...] = _field((3, 13, 25), "--seeds", help="Comma-separated training seeds.")
+    data_root: str | None = _field(None, "--data-root", help="Folder holding the dataset; default $RSNC_BENCH_DATA/<name> or ./data/<name>.")
+    layout: str | None = _field(None, "--layout", help="File layout (karpathy, amfmn, csv, nwpu); default: the dataset's own.")
+    dataset_options: tuple[str, ...] = _field((), "--dataset-opt", "-o", repeat=True,
+                                              help="Dataset option name=value, for every dataset of the grid (e.g. synthetic's n_train=400); repeatable.")
+    train: tuple[str, ...] = _field((), "--train-opt", "-t", repeat=True,
+                                    help="Training option name=value (epochs, batch_size, lr, precision, ...); repeatable.")
+    method_options: tuple[str, ...] = _field((), "--method-opt", "-m", repeat=True,
+                                             help="Method option method:name=value (e.g. clip-ft:logit_scale=10); repeatable.")
+    out: str = _field("runs", "--out", help="Result folder.")
+    device: str = _field("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+    workers: int = _field(0, "--workers", help="Cells run at once: 0 is one per GPU, or on a CPU one per core, each single-threaded.")
+    force: bool = _field(False, "--force", help="Rerun cells that are already complete (the old result stays until the new one is).")
 
     def __post_init__(self):
         for name in NON_EMPTY:

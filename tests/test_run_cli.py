@@ -97,3 +97,26 @@ def test_rrsitr_paper_grid_is_rrsitrs_protocol():
     assert {c.key.noise_protocol for c in cells} == {"rrsitr"} and {c.key.train_seed for c in cells} == {3, 13, 25, 42, 65}
     rrsitr = train_config(next(c for c in cells if c.key.method == "rrsitr"))
     assert (rrsitr.epochs, rrsitr.batch_size, rrsitr.lr, rrsitr.warmup_steps, rrsitr.weight_decay) == (50, 100, 7e-6, 200, 0.7)
+
+
+def test_every_grid_field_is_a_run_option_and_reaches_the_grid(tmp_path, monkeypatch):
+    """The options are generated from GridConfig's fields: freeze_image / freeze_text had none."""
+    import dataclasses
+
+    import rsnc_bench.cli as cli
+    import rsnc_bench.grid as grid_module
+    from rsnc_bench.grid_config import GridConfig
+
+    grids = []
+    monkeypatch.setattr(grid_module, "run_grid", lambda grid, on_done: (grids.append(grid), ([], 0, 0))[1])
+    monkeypatch.setattr(cli, "_write_report", lambda out, options=None: None)
+    result = run("run", "--freeze-image", "--no-freeze-text", "--force", "-b", "norm=rs5m", "-b", "x=1", "--workers", "2",
+                 "--data-root", tmp_path, "--seeds", "3,13", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    (grid,) = grids
+    assert grid.freeze_image and not grid.freeze_text and grid.force and grid.workers == 2
+    assert grid.backbone_options == ("norm=rs5m", "x=1") and grid.seeds == (3, 13) and grid.data_root == str(tmp_path)
+    assert grid.backbone_config("tiny-clip").freeze_image
+    shown = run("run", "--help").output
+    for field in dataclasses.fields(GridConfig):
+        assert field.metadata["cli"].names[0] in shown, field.name
