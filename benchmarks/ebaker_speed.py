@@ -24,14 +24,13 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
 from rsnc_bench.engine.batches import Preprocess, make_batch
 from rsnc_bench.methods import METHODS
-
-from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 BASELINE = "clip-ft"
 

@@ -32,6 +32,7 @@ import time
 import types
 
 import torch
+from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
@@ -39,8 +40,6 @@ from rsnc_bench.data.datasets import DATASETS, get_dataset
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.evaluate import encode_split, score_blocks
 from rsnc_bench.methods import METHODS, Method
-
-from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
 
 BASELINE = "clip-ft"
 REFERENCE = "pmpguard (straightforward)"

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsnc_builtin_methods.clip_pipeline import cosine_matrix, frobenius_scores, local_tokens
-from rsnc_builtin_methods.rrsitr import RrsitrConfig, pair_losses
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.data.datasets import get_dataset
 from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
+from rsnc_builtin_methods.clip_pipeline import cosine_matrix, frobenius_scores, local_tokens
+from rsnc_builtin_methods.rrsitr import RrsitrConfig, pair_losses
 
 
 def main() -> None:

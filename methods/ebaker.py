@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
 from rsnc_builtin_methods.sar import sar_rerank
-from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
 
 EBA_MODES = ("split", "joint")
 BANK_INITS = ("empty", "normal")

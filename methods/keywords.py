@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
 from rsnc_bench.errors import ConfigError
+from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
 
 # The original code drops CLIP's last BPE merge so that id 49405 becomes <|mask|>, keeping the
 # 49,408-entry vocabulary with SOT / EOT at 49406 / 49407 (methods.md 4.2).

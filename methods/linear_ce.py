@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+
 class LogitWorkspace:
     """One reusable [rows, vocab] buffer for ``linear_cross_entropy`` on the CPU, where a fresh
     100+ MB tensor each step costs as much in page faults as the softmax over it. A forward takes

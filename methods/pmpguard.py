@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rsnc_builtin_methods.cga import CrossGatedAttention, Fused, Regions, Words
-from rsnc_builtin_methods.clip_pipeline import cosine_matrix
-from rsnc_builtin_methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
 from rsnc_bench.backbones import Features
 from rsnc_bench.backbones.base import trim_padding_columns
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, info_nce
+from rsnc_builtin_methods.cga import CrossGatedAttention, Fused, Regions, Words
+from rsnc_builtin_methods.clip_pipeline import cosine_matrix
+from rsnc_builtin_methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
 
 BOUNDARY_MODES = ("estimated", "learnable")
 EVAL_BOUNDARIES = ("safe", "train")

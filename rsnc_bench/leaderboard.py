@@ -159,12 +159,14 @@ def _fmt(value: Any, std: Any = None) -> str:
     return text if std is None or math.isnan(std) else f"{text} ± {std:.2f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    """Pipe table with padded columns; columns in ``right`` are right-aligned."""
-    cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                         for i, (c, w) in enumerate(zip(row, widths))) + " |"
+def pipe_table(cells: list[list[str]], right: set[int]) -> list[str]:
+    """The lines of a Markdown pipe table (``cells[0]`` the header, ``|`` already escaped), columns
+    padded to one width; those in ``right`` right-aligned. The one renderer of leaderboard and report."""
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(cells[0]))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
     rule = "|" + "|".join("-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     return [line(cells[0]), rule, *(line(r) for r in cells[1:])]
 
@@ -191,7 +193,8 @@ def to_markdown(df: pd.DataFrame) -> str:
             row += [str(r.failed)] * show_failed + [_fmt(r.auroc_mean)] * show_auroc
             rows.append(row)
         out += [f"## {dataset} / {backbone} / {protocol} noise", ""]
-        out += _md_table(header, rows, right=set(range(2, len(header)))) + [""]
+        cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
+        out += pipe_table(cells, right=set(range(2, len(header)))) + [""]
     return "\n".join(out)
 
 

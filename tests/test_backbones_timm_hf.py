@@ -190,8 +190,8 @@ def test_minilm_without_package(monkeypatch):
 
 def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
     """RRSITR's local Frobenius score needs only the token contract, not open_clip."""
-    from rsnc_builtin_methods.rrsitr import Rrsitr
     from rsnc_bench.methods import Batch
+    from rsnc_builtin_methods.rrsitr import Rrsitr
 
     torch.manual_seed(0)
     method = Rrsitr(BACKBONES.get("timm-hf")(tiny_config(bert_dir))).train()
@@ -209,8 +209,8 @@ def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
 
 def test_pmpguard_runs_on_swin_and_bert(bert_dir):
     """PMPGuard's native pairing (methods.md 5.2): Swin region tokens (NHWC grid) + BERT word tokens."""
-    from rsnc_builtin_methods.pmpguard import PmpGuard
     from rsnc_bench.methods import Batch
+    from rsnc_builtin_methods.pmpguard import PmpGuard
 
     torch.manual_seed(0)
     method = PmpGuard(BACKBONES.get("swin-bert")(BackboneConfig(name="swin-bert", options=(f"text={bert_dir}", "context_length=12")))).train()

@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from .layouts import five, write_amfmn, write_csv, write_image, write_karpathy, write_nwpu
-from .test_cli import assert_user_error, runner
 from rsnc_bench.cli import app
+
+from .layouts import five, write_amfmn, write_image, write_karpathy, write_nwpu
+from .test_cli import assert_user_error, runner
 
 TRAIN = [(f"airport_{i}.jpg", "train", five(f"airport {i}")) for i in range(6)]
 TEST = [(f"beach_{i}.jpg", "test", five(f"beach {i}")) for i in range(3)]

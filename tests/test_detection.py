@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rsnc_bench.engine.detection import average_precision, auroc, detection_metrics
+from rsnc_bench.engine.detection import auroc, average_precision, detection_metrics
 
 
 def brute_auroc(noisiness, is_noisy):

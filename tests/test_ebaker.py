@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsnc_builtin_methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
+from rsnc_builtin_methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, anchored_ce, eba_loss, keep_anchors
 
 from .token_stub import TokenBackbone, token_batch
 

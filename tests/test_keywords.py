@@ -8,12 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsnc_bench.errors import ConfigError
 from rsnc_builtin_methods.keywords import (
-    MASK_ID, KerHead, QuickGELU, attend, head_count, ker_loss, keyword_statistics, keyword_vocabulary,
-    mask_keywords, mlm_loss, query_slots,
+    MASK_ID,
+    KerHead,
+    QuickGELU,
+    attend,
+    head_count,
+    ker_loss,
+    keyword_statistics,
+    keyword_vocabulary,
+    mask_keywords,
+    mlm_loss,
+    query_slots,
 )
 from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
-from rsnc_bench.errors import ConfigError
 
 open_clip = pytest.importorskip("open_clip")
 

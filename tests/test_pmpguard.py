@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import rsnc_builtin_methods.pmpguard as pmp
-from rsnc_builtin_methods.cga import CrossGatedAttention
-from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS
 from rsnc_bench.store import CellKey, ResultStore
+from rsnc_builtin_methods.cga import CrossGatedAttention
+from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
 
 from .token_stub import TokenBackbone, token_batch
 
@@ -464,7 +464,8 @@ def test_boundary_samples_follow_naaf():
 def test_learnable_boundary_starts_from_the_first_fit_and_learns():
     m = method(rows=10, boundary="learnable", boundary_min_samples=3, boundary_window=100)
     eye = torch.eye(4)
-    word_max = torch.tensor([0.8, 0.75, 0.85, 0.8]).view(4, 1, 1) * eye.unsqueeze(-1) + torch.tensor([0.2, 0.25, 0.15, 0.2]).view(4, 1, 1) * (1 - eye).unsqueeze(-1)
+    matched, other = torch.tensor([0.8, 0.75, 0.85, 0.8]).view(4, 1, 1), torch.tensor([0.2, 0.25, 0.15, 0.2]).view(4, 1, 1)
+    word_max = matched * eye.unsqueeze(-1) + other * (1 - eye).unsqueeze(-1)
     m._update_boundary({"score": eye + 0.01 * torch.arange(4.0), "word_max": word_max.expand(4, 4, 1).contiguous()}, torch.ones(4, 1, dtype=torch.bool))
     assert m.estimate.fits == 1 and 0.2 < m.estimate.value < 0.8
     assert m.learned_boundary.item() == pytest.approx(m.estimate.value)

@@ -17,8 +17,7 @@ from rsnc_bench.report import ReportOptions, write_report
 from rsnc_bench.report.frame import load
 from rsnc_bench.report.references import DEFAULT_PATH, load_references
 from rsnc_bench.report.stats import sign_flip_test
-from rsnc_bench.report.tables import (detailed_tables, detection_tables, latex_escape, leaderboard_tables,
-                                      long_table, significance, to_latex, to_markdown)
+from rsnc_bench.report.tables import detailed_tables, detection_tables, latex_escape, leaderboard_tables, long_table, significance, to_latex, to_markdown
 from rsnc_bench.store import ResultStore
 
 from .test_cli import TINY, assert_user_error, run

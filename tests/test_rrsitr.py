@@ -12,13 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import rsnc_builtin_methods.clip_pipeline as pipeline
-from rsnc_builtin_methods.rrsitr import (AMBIGUOUS, CLEAN, NOISY, Rrsitr, RrsitrConfig, pair_losses, robust_triplet, rrsitr_terms,
-                            self_paced_split, spl_regulariser)
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
+from rsnc_builtin_methods.rrsitr import (
+    AMBIGUOUS,
+    CLEAN,
+    NOISY,
+    Rrsitr,
+    RrsitrConfig,
+    pair_losses,
+    robust_triplet,
+    rrsitr_terms,
+    self_paced_split,
+    spl_regulariser,
+)
 
 from .token_stub import TokenBackbone, token_batch
 

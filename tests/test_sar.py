@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsnc_builtin_methods.sar import sar_rerank
 from rsnc_bench.engine.retrieval import Reranked, grouped_recall, grouped_recall_reranked
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.leaderboard import leaderboard, to_markdown
+from rsnc_builtin_methods.sar import sar_rerank
 
 from .test_leaderboard import doc, row
 from .test_retrieval import values

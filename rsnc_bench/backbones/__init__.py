@@ -6,9 +6,9 @@ light commands stay fast.
 
 from rsnc_bench.backbones.base import (
     BACKBONES,
+    TRAIN_HINTS,
     BackboneConfig,
     DualEncoder,
-    TRAIN_HINTS,
     Features,
     WeightsNotFoundError,
     train_hints,

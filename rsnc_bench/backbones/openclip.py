@@ -34,7 +34,7 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, trim_padding_columns, Features, WeightsNotFoundError
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError, trim_padding_columns
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError, UnknownNameError
 
@@ -146,7 +146,9 @@ def build_open_clip(config: BackboneConfig) -> OpenClipEncoder:
 
 @BACKBONES.register("tiny-clip")
 def build_tiny_clip(config: BackboneConfig) -> OpenClipEncoder:
-    """CPU preset: tiny-b32 (ViT-B/32's 49 patches and 77 text positions) pretrained on the synthetic source domain (`rsnc-bench pretrain`; built on first use, cached)."""
+    """CPU preset: tiny-b32 (ViT-B/32's 49 patches and 77 text positions) pretrained on the synthetic source domain.
+
+    Built by `rsnc-bench pretrain` on first use and cached."""
     from rsnc_bench.pretrain import WEIGHTS_NAME, checkpoint_record, ensure_checkpoint
 
     if config.pretrained:
@@ -205,10 +207,12 @@ def _load_file(model: torch.nn.Module, path: str) -> None:
     try:
         result = open_clip.load_checkpoint(model, path, strict=False)
     except Exception as exc:
-        raise WeightsNotFoundError(f"{path}: cannot load as open_clip weights for this architecture ({str(exc).splitlines()[0][:200]}); check the architecture name") from None
+        raise WeightsNotFoundError(f"{path}: cannot load as open_clip weights for this architecture ({str(exc).splitlines()[0][:200]}); "
+                                   "check the architecture name") from None
     missing = [k for k in result.missing_keys if not k.startswith("logit_")]
     if missing:
-        raise WeightsNotFoundError(f"{path}: {len(missing)} parameters of the architecture are missing from the file (first: {missing[0]}); check the architecture name")
+        raise WeightsNotFoundError(f"{path}: {len(missing)} parameters of the architecture are missing from the file "
+                                   f"(first: {missing[0]}); check the architecture name")
     if result.unexpected_keys:
         warnings.warn(f"{path}: ignored {len(result.unexpected_keys)} keys not in the architecture (first: {result.unexpected_keys[0]})", stacklevel=3)
 

@@ -194,7 +194,8 @@ def load_image_weights(model: nn.Module, path: str | Path, name: str = "") -> No
             state = filter_fn(state, model)
         result = model.load_state_dict(state, strict=False)
     except Exception as exc:  # unreadable file, shape mismatch
-        raise WeightsNotFoundError(f"image weights file {path} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give {what}") from exc
+        raise WeightsNotFoundError(f"image weights file {path} could not be loaded "
+                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give {what}") from exc
     heads = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     unexpected = [k for k in result.unexpected_keys if not any(k == h or k.startswith(h + ".") for h in heads)]
@@ -218,7 +219,8 @@ def _load_text(folder: str | Path):
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise WeightsNotFoundError(f"text tower folder {folder} could not be loaded ({str(exc).splitlines()[0][:200]}): give text=DIR, {TEXT_FOLDER_HINT}") from exc
+        raise WeightsNotFoundError(f"text tower folder {folder} could not be loaded ({str(exc).splitlines()[0][:200]}): "
+                                   f"give text=DIR, {TEXT_FOLDER_HINT}") from exc
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS (then EOS counts as padding in the mask)
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:

@@ -164,7 +164,8 @@ class Trainer:
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device))
             started, losses, logs = time.perf_counter(), [], []
-            for rows, image_ids in bar(train_batches(self.train, self.rows, cfg.batch_size, order_gen), desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
+            batches = train_batches(self.train, self.rows, cfg.batch_size, order_gen)
+            for rows, image_ids in bar(batches, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
                 lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
                 batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
                 with self.autocast():

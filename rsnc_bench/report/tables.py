@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from rsnc_bench.leaderboard import DETECTION, GROUP, METRICS, RECALL_HEADERS, SEEDS, aggregate
+from rsnc_bench.leaderboard import DETECTION, GROUP, METRICS, RECALL_HEADERS, SEEDS, aggregate, pipe_table
 from rsnc_bench.report.frame import TABLE_GROUP, ReportData
 from rsnc_bench.report.references import Reference, find
 from rsnc_bench.report.stats import ALPHA, sign_flip_test
@@ -397,10 +397,7 @@ def to_markdown(table: Table) -> str:
     numeric = table.numeric_columns()
     cells = [[h.replace("|", "\\|") for h in table.header],
              *[[_md_cell(c, table.n_per_cell) for c in row] for row in table.rows]]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(table.header))]
-    line = lambda row: "| " + " | ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
-    rule = "|" + "|".join("-" * (w + 1) + ":" if numeric[i] else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    out = [f"### {table.title}", "", line(cells[0]), rule, *(line(r) for r in cells[1:]), ""]
+    out = [f"### {table.title}", "", *pipe_table(cells, right={i for i, n in enumerate(numeric) if n}), ""]
     out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
     return "\n".join(out)
 
