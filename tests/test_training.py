@@ -6,17 +6,18 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from rsnc_bench.backbones import BackboneConfig
+from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.data.datasets import load_dataset
 from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
 from rsnc_bench.engine.trainer import Trainer
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid import GridConfig, run_grid, usable_cores
 from rsnc_bench.grid_config import load_grid
-from rsnc_bench.methods import METHODS, LossOutput
+from rsnc_bench.methods import METHODS, LossOutput, PairScores
 from rsnc_bench.noise import make_manifest
 from rsnc_bench.store import CellKey, ResultStore
 
@@ -130,6 +131,7 @@ def test_a_planted_selected_checkpoint_runs_no_code_and_stops_the_cell(tmp_path)
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_cell_killed_before_its_result_is_written_resumes(tmp_path, synthetic_root, monkeypatch, capsys):
     cell = spec(synthetic_root, rate=0.4)
     cell = replace(cell, train_options=cell.train_options + ("checkpoint_seconds=0",))
@@ -168,6 +170,42 @@ def test_a_forced_rerun_that_fails_keeps_the_complete_result(tmp_path, synthetic
     assert "previous complete result stays" in capsys.readouterr().out
 
 
+@METHODS.register("test-epoch-scores")
+class EpochScores(ClipFt):
+    """clip-ft that scores every row with the number of the epoch just trained, kept as a plain
+    attribute (not in its state), as the documented minimal plugin keeps its losses."""
+
+    def prepare(self, captions):
+        super().prepare(captions)
+        self.n_rows = len(captions)
+
+    def start_epoch(self, ctx):
+        self.epoch = ctx.epoch
+
+    def pair_scores(self):
+        return PairScores(np.full(self.n_rows, float(getattr(self, "epoch", 0))))
+
+
+def test_the_selected_epochs_row_scores_are_saved_not_the_last_epochs(tmp_path, synthetic_root, monkeypatch):
+    import rsnc_bench.engine.trainer as trainer_module
+
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def val_best_at_epoch_2(method, split, device, chunk):
+        result = real_evaluate(method, split, device, chunk)
+        calls.append(1)
+        best = len(calls) == 2  # the second validation, after epoch 2
+        result["plain"] = replace(result["plain"], i2t_r1=100.0 if best else 0.0, i2t_r5=100.0 if best else 0.0)
+        return result
+
+    monkeypatch.setattr(trainer_module, "evaluate", val_best_at_epoch_2)
+    store = ResultStore(tmp_path)
+    doc = run_cell(spec(synthetic_root, method="test-epoch-scores", rate=0.4, epochs=3), store)
+    assert doc["status"] == "complete" and doc["selected_epoch"] == 2
+    saved = store.read_scores(doc["detection_scores"])
+    assert (saved["clean_score"] == 2.0).all()  # the last epoch's would be 3
+
+
 def test_train_config_layers(tmp_path, synthetic_root):
     plain = train_config(replace(spec(synthetic_root), train_options=()))
     assert plain.lr == 2e-3 and plain.batch_size == 64  # tiny-vit's preset hints over clip-ft's paper budget
@@ -182,6 +220,7 @@ def test_oracle_trains_on_clean_rows_only(tmp_path, synthetic_root):
     assert doc["noise"]["train_rows_used"] == doc["noise"]["n_rows"] - doc["noise"]["n_noisy"]
 
 
+@pytest.mark.slow
 def test_interrupted_cell_resumes_and_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     store = ResultStore(tmp_path / "a")
     interrupted = spec(synthetic_root, method="test-interrupted", rate=0.4)
@@ -227,6 +266,7 @@ def test_a_changed_manifest_under_a_complete_cell_stops_the_grid(tmp_path, synth
         run_grid(grid)
 
 
+@pytest.mark.slow
 def test_several_devices_run_cells_in_parallel_worker_processes(tmp_path, synthetic_root, monkeypatch):
     import rsnc_bench.grid as grid_module
 
@@ -251,6 +291,7 @@ def test_cpu_workers_are_one_per_core_and_single_threaded(monkeypatch):
         load_grid(None, {"workers": "two"})
 
 
+@pytest.mark.slow
 def test_cpu_worker_processes_record_one_thread(tmp_path, synthetic_root):
     grid = GridConfig(methods=("clip-ft",), noise=(0.0, 0.4), seeds=(1,), noise_seeds=(0,), device="cpu", workers=2,
                       backbones=("tiny-vit",), data_root=str(synthetic_root), dataset_options=TINY_OPTS,
@@ -281,3 +322,20 @@ def test_same_seed_and_thread_count_give_identical_results(tmp_path, synthetic_r
         assert first[part] == second[part], part
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(first["history"]) == strip(second["history"])
+
+
+def test_the_selected_epochs_row_scores_survive_an_interruption_in_best_pt(tmp_path):
+    """After a resume, the selected epoch's weights and row scores come back from best.pt."""
+    from rsnc_bench.engine.trainer import TrainConfig
+
+    method = ClipFt(build_backbone(BackboneConfig("tiny-vit")), ClipFt.config_type())
+    before = Trainer(method, TrainConfig(), None, None, None, 1, tmp_path, "cell")
+    before._best = method.state_dict()
+    before._best_scores = PairScores(np.array([0.5, np.nan, 2.0]), np.array([False, True, False]), {"local": np.array([1.0, 2.0, 3.0])})
+    before._save_best(2)
+    after = Trainer(method, TrainConfig(), None, None, None, 1, tmp_path, "cell")
+    after.load_selected()
+    scores = after.selected_scores()
+    np.testing.assert_array_equal(scores.clean_score, [0.5, np.nan, 2.0])
+    np.testing.assert_array_equal(scores.flagged_noisy, [False, True, False])
+    np.testing.assert_array_equal(scores.others["local"], [1.0, 2.0, 3.0])

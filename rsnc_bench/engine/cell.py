@@ -238,7 +238,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         selected = evaluate(method, test, trainer.device, tconfig.eval_chunk)
     else:
         selected = last
-    scores = method.pair_scores()  # the selected epoch's state in both branches
+    scores = trainer.selected_scores()
     if scores is not None:  # per-row scores, for ROC curves in the report
         doc["detection_scores"] = store.write_scores(key, scores.clean_score, manifest.clean, scores.flagged_noisy)
     chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)

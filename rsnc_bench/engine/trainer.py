@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import time
@@ -21,7 +22,7 @@ from rsnc_bench.engine.batches import Preprocess, SplitTensors, make_batch, step
 from rsnc_bench.engine.evaluate import evaluate
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import EpochContext, Method
+from rsnc_bench.methods import EpochContext, Method, PairScores
 from rsnc_bench.progress import bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -90,6 +91,24 @@ def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([step[k] for step in logs if k in step])) for k in keys}
 
 
+def _snapshot(scores: PairScores | None) -> PairScores | None:
+    """A copy the method's later epochs cannot change."""
+    if scores is None:
+        return None
+    def copy_of(values):
+        if values is None:
+            return None
+        return values.detach().cpu().numpy().copy() if torch.is_tensor(values) else np.array(values, copy=True)
+
+    return PairScores(copy_of(scores.clean_score), copy_of(scores.flagged_noisy),
+                      {name: copy_of(a) for name, a in scores.others.items()})
+
+
+def _scores_from_plain(saved: dict | None) -> PairScores | None:
+    """``_snapshot``'s scores back from ``best.pt`` (saved as tensors by ``plain_data``)."""
+    return None if saved is None else _snapshot(PairScores(saved["clean_score"], saved.get("flagged_noisy"), saved.get("others") or {}))
+
+
 class Diverged(RsncError):
     """The loss became NaN or inf."""
 
@@ -140,6 +159,7 @@ class Trainer:
         self.autocast, self.precision = autocast_for(self.device, config.precision)
         self.method.to(self.device)
         self._best: dict | None = None  # the selected epoch's state dict, in memory
+        self._best_scores: PairScores | None = None  # and its per-row clean-ness scores
 
     # --- public -------------------------------------------------------------------------
     def fit(self) -> TrainOutcome:
@@ -191,6 +211,7 @@ class Trainer:
             if val.mr > state["best_mr"]:
                 state["best_mr"], state["best_epoch"] = val.mr, epoch
                 self._best, best_unsaved = copy.deepcopy(self.method.state_dict()), True
+                self._best_scores = _snapshot(self.method.pair_scores())
             state["epoch"] = epoch
             epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
             if epoch < cfg.epochs and time.perf_counter() - saved_at >= cfg.checkpoint_seconds:
@@ -217,6 +238,14 @@ class Trainer:
             if saved is None:
                 raise RsncError(f"{path}: the selected epoch's weights are unreadable or from another run; rerun the cell with --force")
             self.method.load_state_dict(saved["model"])
+            self._best_scores = _scores_from_plain(saved.get("scores"))
+
+    def selected_scores(self) -> PairScores | None:
+        """The per-row clean-ness scores of the selected epoch (after ``fit``, and ``load_selected``
+        when that epoch came before an interruption), as the method gave them at the end of that
+        epoch: kept by the harness, so a method that keeps them as a plain attribute (not in its
+        state) cannot report the last epoch's scores beside the selected epoch's detection metrics."""
+        return self._best_scores
 
     def clear_resume_state(self) -> None:
         (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
@@ -230,10 +259,12 @@ class Trainer:
         val = evaluate(self.method, self.val, self.device, self.config.eval_chunk)["plain"]
         entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
         self.on_epoch(self.method, entry)
+        self._best_scores = _snapshot(self.method.pair_scores())
         return TrainOutcome([entry], 0, 0.0, 0, self.precision)
 
     def _save_best(self, epoch: int) -> None:
-        self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self._best})
+        self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self._best,
+                               "scores": None if self._best_scores is None else dataclasses.asdict(self._best_scores)})
 
     def _save(self, name: str, payload: dict) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
