@@ -76,6 +76,7 @@ def clean_run(tmp_path_factory, synthetic_root) -> tuple[Path, float]:
     return out, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_two_runners_on_overlapping_grids_run_each_cell_once_and_correctly(tmp_path, synthetic_root, clean_run):
     shared = tmp_path / "shared"
     first, second = _runner(shared, synthetic_root, "0,0.4"), _runner(shared, synthetic_root, "0.4,0.8")
@@ -95,6 +96,7 @@ def _results(folder: Path) -> dict[str, dict]:
             for p in sorted((folder / "synthetic").rglob("*.json")) if ".ckpt" not in p.as_posix()}
 
 
+@pytest.mark.slow
 def test_a_grid_killed_at_random_points_loses_nothing_and_matches_a_clean_run(tmp_path, synthetic_root, clean_run):
     """kill -9 at seeded random moments (while loading, training, checkpointing, writing), then a
     rerun: no finished cell is lost or corrupted, and every result is the clean run's."""

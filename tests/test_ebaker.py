@@ -202,6 +202,7 @@ SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
 
 # kappa = 1: the paper's local scale of 20 collapses the random-init tiny towers under noise
 # (docs/methods/rrsitr.md), which leaves nothing for the elimination to find. KER runs in iebaker only, to keep it short.
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options", [("ebaker", ("ker_weight=0",)), ("iebaker", ("sar=true",))])
 def test_eliminated_rows_are_mostly_noisy_on_synthetic_at_noise_0_6(tmp_path, method, options):
     key = CellKey(method, "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)

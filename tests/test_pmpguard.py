@@ -489,6 +489,7 @@ SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
 
 # The summed hardest-negative hinge at lambda = 1 collapses S_PN to a constant on random-init tiny
 # towers (docs/methods/pmpguard.md); at lambda = 0.02 (about the batch mean) they learn.
+@pytest.mark.slow
 def test_noisy_rows_get_lower_pair_scores_on_synthetic_at_noise_0_6(tmp_path):
     key = CellKey("pmpguard", "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)
     spec = CellSpec(key, data_root=str(tmp_path / "data"), dataset_options=SYNTHETIC_300, method_options=("loss_weight=0.02",))

@@ -63,6 +63,7 @@ def test_a_plugin_that_registers_nothing_is_a_clear_error(monkeypatch):
         reg.names()
 
 
+@pytest.mark.slow
 def test_builtins_are_listed_from_a_folder_with_its_own_methods_package(tmp_path):
     """A generic `methods` import name was shadowed by the user's own methods/ package: the list
     came out empty, exit 0."""

@@ -181,6 +181,7 @@ def test_tidy_csv(store):
     assert {"auroc", "ap", "flag_precision", "flag_recall"} <= set(df[df.method == "rrsitr"]["metric"])
 
 
+@pytest.mark.slow
 def test_report_files_plots_and_incomplete_cells(store):
     report = write_report(store)
     folder = store / "report"
@@ -299,6 +300,7 @@ def test_shipped_references_load_and_are_package_data():
     assert f'"rsnc_bench.report" = ["{DEFAULT_PATH.name}"]' in pyproject  # shipped in the wheel
 
 
+@pytest.mark.slow
 def test_tiny_run_leaves_a_report(tmp_path, synthetic_root):
     out = tmp_path / "runs"
     result = run("run", "--backbone", "tiny-vit", "--methods", "clip-ft,rrsitr-calibrated", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,

@@ -221,6 +221,7 @@ SYNTHETIC_300 = ("n_train=300", "n_val=40", "n_test=60", "image_size=48")
 
 # The paper's kappa = 20 collapses the random-init tiny towers under noise (docs/methods/rrsitr.md), so the
 # fixed 5 / 18 thresholds are exercised with kappa = 1, next to the calibrated variant.
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options", [("rrsitr", ("local_scale=1",)), ("rrsitr-calibrated", ())])
 def test_noisy_rows_get_higher_loss_on_synthetic_at_noise_0_6(tmp_path, method, options):
     key = CellKey(method, "synthetic", "tiny-vit", "shuffle", 0.6, 42, 3)

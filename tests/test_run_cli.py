@@ -15,6 +15,7 @@ from rsnc_bench.methods import METHODS
 from .test_cli import TINY, assert_user_error, run
 
 
+@pytest.mark.slow
 def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, synthetic_root):
     out = tmp_path / "runs"
     result = run("run", "--backbone", "tiny-vit", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,
