@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rsnc_bench.backbones import Features
+from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.methods import Method, MethodConfig
 
 CLIP_SCALE = math.exp(2.996)  # fixed logit scale, tau = 0.05 (methods.md 2.5)
@@ -109,7 +110,7 @@ def split_features(features: Features, sizes: Sequence[int]) -> list[Features]:
 
 def cosine_matrix(texts: Features, images: Features) -> torch.Tensor:
     """[n_t, n_i] cosine of the global embeddings, rows = texts (methods.md notation)."""
-    return F.normalize(texts.embedding.float(), dim=-1) @ F.normalize(images.embedding.float(), dim=-1).T
+    return cosine(texts.embedding, images.embedding)
 
 
 class ClipPipeline(Method):

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from rsnc_bench.store import CellKey, ResultFormatError, atomic_write_text, format_rate, validate
+from rsnc_bench.paths import atomic_write_text
+from rsnc_bench.store import CellKey, ResultFormatError, format_rate, validate
 
 GROUP = ["dataset", "backbone", "noise_protocol", "noise_rate", "method"]
 SEEDS = ["noise_seed", "train_seed"]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsnc_bench.backbones.base import DualEncoder, Features
-from rsnc_bench.engine.retrieval import Reranked
+from rsnc_bench.engine.retrieval import Reranked, cosine
 from rsnc_bench.registry import Registry
 
 
@@ -136,7 +136,7 @@ class Method(nn.Module):
     def score(self, texts: Features, images: Features) -> torch.Tensor:
         """[n_texts, n_images] similarity for a chunk of texts against all images.
         Default: cosine of the global embeddings."""
-        return F.normalize(texts.embedding.float(), dim=-1) @ F.normalize(images.embedding.float(), dim=-1).T
+        return cosine(texts.embedding, images.embedding)
 
     def begin_scoring(self, texts: Features, images: Features) -> None:
         """Called once per evaluation with every text and image feature, before the chunked

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,7 @@ from rsnc_bench.config import check_seed
 from rsnc_bench.data.formats import basename_of_any_path, read_caption_csv
 from rsnc_bench.data.split import Split
 from rsnc_bench.errors import ConfigError, DataFormatError, ManifestError
-from rsnc_bench.paths import temporary_path
+from rsnc_bench.paths import atomic_write_text
 from rsnc_bench.registry import Registry
 
 FORMAT = "rsnc-bench/noise-manifest@1"
@@ -197,10 +196,7 @@ class NoiseManifest:
             if existing is not None and existing.content_hash == self.content_hash:
                 return "unchanged"
             raise ManifestError(f"{path} exists with other content; pass --force to replace it or choose another --out")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
         return "written"
 
     @classmethod

@@ -10,7 +10,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from rsnc_bench.errors import ConfigError
 
@@ -49,6 +49,28 @@ def readable_file(path: str | Path, what: str) -> Path:
 def temporary_path(path: Path) -> Path:
     """Where an atomic writer builds ``path`` before renaming it (``.<name>.tmp-<pid>``, beside it)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(file)`` into its temporary name, flushed to disk, then renamed
+    over it: a reader (or a kill) never sees half a file. The one atomic write of the harness."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write`` of UTF-8 text."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 _TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # how atomic writers here name their work in progress

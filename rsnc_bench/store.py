@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.paths import temporary_path
+from rsnc_bench.paths import atomic_write, atomic_write_text
 
 SCHEMA = 1
 STATUSES = ("complete", "failed", "diverged")
@@ -131,22 +130,6 @@ def to_json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temporary file in the same folder and ``os.replace``; readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def validate(doc: Any) -> CellKey:
     """Check schema, key and status of a result document; returns its key."""
     if not isinstance(doc, dict):
@@ -204,15 +187,7 @@ class ResultStore:
         arrays = {"clean_score": np.asarray(clean_score, dtype=np.float32), "clean": np.asarray(clean, dtype=bool)}
         if flagged_noisy is not None:
             arrays["flagged_noisy"] = np.asarray(flagged_noisy, dtype=bool)
-        path = self.scores_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = atomic_write(self.scores_path(key), lambda fh: np.savez_compressed(fh, **arrays))
         return path.relative_to(self.root).as_posix()
 
     def read_scores(self, relpath: str) -> dict[str, np.ndarray] | None:

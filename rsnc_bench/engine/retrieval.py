@@ -80,12 +80,16 @@ def matrix_blocks(scores: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK)
         yield scores[start: start + chunk]
 
 
+def cosine(text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+    """[n_texts, n_images] cosine similarity of the embeddings, in fp32: the one definition every
+    cosine score of the harness and the built-in methods uses."""
+    return torch.nn.functional.normalize(text_emb.float(), dim=-1) @ torch.nn.functional.normalize(image_emb.float(), dim=-1).T
+
+
 def cosine_blocks(text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> Iterator[torch.Tensor]:
-    """Cosine similarity of L2-normalised embeddings, one block of caption rows at a time."""
-    image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+    """``cosine``, one block of caption rows at a time."""
     for start in range(0, text_emb.shape[0], chunk):
-        text = torch.nn.functional.normalize(text_emb[start: start + chunk].float(), dim=-1)
-        yield text @ image_emb.T
+        yield cosine(text_emb[start: start + chunk], image_emb)
 
 
 def _top_stable(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from rsnc_bench.engine.evaluate import evaluate
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import EpochContext, Method, PairScores
+from rsnc_bench.paths import atomic_write
 from rsnc_bench.progress import bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -267,10 +268,7 @@ class Trainer:
                                "scores": None if self._best_scores is None else dataclasses.asdict(self._best_scores)})
 
     def _save(self, name: str, payload: dict) -> None:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_dir / f".{name}.tmp"
-        torch.save(plain_data(payload), tmp)
-        tmp.replace(self.ckpt_dir / name)
+        atomic_write(self.ckpt_dir / name, lambda fh: torch.save(plain_data(payload), fh))
 
     def _load(self, path: Path) -> dict | None:
         """A checkpoint this cell wrote, or None (with a notice). Loaded with ``weights_only``, so a

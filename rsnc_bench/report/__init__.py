@@ -42,8 +42,8 @@ class Report:
 def write_report(store_root: str | Path, options: ReportOptions | None = None,
                  results: Iterable[dict[str, Any]] | None = None, problems: list[str] | None = None) -> Report:
     """Build the report of a result store (``results``: its documents, if already read)."""
+    from rsnc_bench.paths import atomic_write_text
     from rsnc_bench.report import frame, html, plots, tables
-    from rsnc_bench.store import atomic_write_text
 
     options = options or ReportOptions()
     root = Path(store_root)

@@ -22,6 +22,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure  # figures without pyplot: rendered by Agg (PNG) and the PDF backend, no display
 
+from rsnc_bench.engine.detection import auroc
 from rsnc_bench.leaderboard import RECALL_HEADERS, RECALLS, aggregate
 from rsnc_bench.report.frame import TABLE_GROUP, ReportData
 from rsnc_bench.report.tables import UNRANKED, rate_label, reference_for
@@ -207,7 +208,7 @@ def detection_roc(data: ReportData, folder: Path, colours: dict) -> Plot:
                 if len(score) != len(noisy) or noisy[ok].all() or not noisy[ok].any():
                     continue
                 fpr, tpr = roc_curve(-score[ok], noisy[ok])
-                aurocs.append(float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)))  # trapezoid rule
+                aurocs.append(auroc(-score[ok], noisy[ok]))  # the detection table's AUROC, so label and table agree
                 style = REFERENCE_STYLE.get(method, dict(color=colours[method], linestyle="-"))
                 ax.plot(*_thin(fpr, tpr), linewidth=1.6, alpha=1.0 if len(rows) == 1 else 0.6, **style,
                         label=None if i else method)
