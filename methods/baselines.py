@@ -30,6 +30,7 @@ class ClipFineTune(Method):
     """Symmetric InfoNCE fine-tune of both towers: the shared CLIP pipeline of methods.md section 2."""
 
     config_type = ClipFtConfig
+    baseline = True  # the report's paired test compares every method with the plain fine-tune
     # RRSITR's budget for the shared pipeline (methods.md 3.9), so clip-ft is its like-for-like baseline.
     train_defaults = {"epochs": 50, "batch_size": 100, "lr": 7e-6, "warmup_steps": 200, "weight_decay": 0.7, "grad_clip": 50.0}
 

@@ -305,7 +305,8 @@ def report(
     rate: Optional[float] = typer.Option(None, "--rate", help="Noise rate of the recall heatmap and the ROC curves (default: the highest present)."),
     references: Optional[Path] = typer.Option(None, "--references", help="YAML of reported numbers (default: the shipped RRSITR / sanity-band file)."),
     no_references: bool = typer.Option(False, "--no-references", help="Show no reported numbers."),
-    compare_to: str = typer.Option("clip-ft", "--compare-to", help="Method the significance test compares every other with; 'best' = the best by the metric."),
+    compare_to: str = typer.Option("baseline", "--compare-to", help="Method the significance test compares every other with: "
+                                   "'baseline' = the plain fine-tune (clip-ft, by its recorded role), 'best' = the best by the metric, or a name."),
     split: str = typer.Option("test", "--split", help="Metrics of this split: test, val or test_last."),
 ):
     """Rebuild the leaderboard and the report (tables, plots, report.html) from every result in the folder.

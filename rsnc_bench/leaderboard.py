@@ -31,7 +31,7 @@ DETECTION = ["auroc", "ap", "flag_precision", "flag_recall", "flag_f1"]
 RECALL_HEADERS = {k: f"{k[:3]} R@{k[5:]}" for k in RECALLS}
 COLUMNS = [*GROUP, "n", "failed",
            *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "auroc_mean"]
-RUN_COLUMNS = [*GROUP, *SEEDS, "base_method", "variant", "status", "error", *METRICS, *DETECTION,
+RUN_COLUMNS = [*GROUP, *SEEDS, "base_method", "variant", "role", "status", "error", *METRICS, *DETECTION,
                "realized_rate", "selected_epoch", "pretrained", "scores", "finished_at"]
 MD_NAME, CSV_NAME = "leaderboard.md", "leaderboard.csv"
 
@@ -73,6 +73,17 @@ def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, str, 
     return rows
 
 
+def _role(doc: dict[str, Any], method: str) -> str | None:
+    """The role the result records (``Method.role``); for results written before roles were
+    recorded, the registered method's."""
+    capabilities = _mapping(_mapping(doc.get("config")).get("capabilities"))
+    if "role" in capabilities:
+        return capabilities["role"]
+    from rsnc_bench.methods import METHODS  # only for older results: the registry imports torch
+
+    return METHODS.get(method).role() if method in METHODS else None
+
+
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
     values = {m: _number(metrics.get(m)) for m in METRICS}
     if math.isnan(values["rsum"]) and not any(math.isnan(values[k]) for k in RECALLS):
@@ -100,9 +111,11 @@ def runs(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame
         extra = {**{m: _number(detection.get(m)) for m in DETECTION}, "status": "complete", "error": None,
                  "realized_rate": _number(noise.get("realized_rate")), "selected_epoch": doc.get("selected_epoch"),
                  "scores": doc.get("detection_scores") if isinstance(doc.get("detection_scores"), str) else None}
+        role = _role(doc, key.method)
         for method, variant, metrics in _rows(doc, key.method, split):
             if isinstance(metrics, dict):
-                rows.append({**base, **extra, "method": method, "variant": variant, **_metrics(metrics)})
+                rows.append({**base, **extra, "method": method, "variant": variant, "role": role if variant == "plain" else None,
+                             **_metrics(metrics)})
     df = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     if not df.empty:
         df[SEEDS] = df[SEEDS].astype(int)

@@ -89,7 +89,9 @@ class Method(nn.Module):
     ``trains`` (False: evaluate the backbone as given), ``needs_tokens`` (token features at
     encode time), ``uses_clean_labels`` (sees the manifest's clean flags: only the oracle).
     ``train_defaults`` holds the paper's training budget (epochs, lr, ...), applied over the
-    harness defaults and under the user's overrides.
+    harness defaults and under the user's overrides. ``baseline`` marks the plain fine-tune that
+    the report tests every other method against (declared by the class itself, not inherited).
+    Every result records ``capabilities()``, and the report finds its reference rows by them.
     """
 
     name: ClassVar[str] = ""
@@ -99,6 +101,22 @@ class Method(nn.Module):
     needs_tokens: ClassVar[bool] = False
     uses_clean_labels: ClassVar[bool] = False
     rerank_tag: ClassVar[str] = "rerank"  # leaderboard suffix of the re-ranked results ("iebaker+sar")
+    baseline: ClassVar[bool] = False
+
+    @classmethod
+    def role(cls) -> str | None:
+        """How a report treats the method: "upper-bound" (sees the clean labels: shown, never
+        ranked), "baseline" (what the paired test compares with), or None (a competitor)."""
+        if cls.uses_clean_labels:
+            return "upper-bound"
+        return "baseline" if cls.__dict__.get("baseline", False) else None
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """What the method declares, recorded in every result it produces."""
+        return {"trains": cls.trains, "needs_tokens": cls.needs_tokens, "uses_clean_labels": cls.uses_clean_labels,
+                "scores_rows": cls.pair_scores is not Method.pair_scores, "reranks": cls.rerank is not Method.rerank,
+                "role": cls.role()}
 
     def __init__(self, backbone: DualEncoder, config: MethodConfig | None = None):
         super().__init__()

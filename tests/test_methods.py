@@ -101,3 +101,16 @@ def test_a_plugin_outside_the_package_is_found_through_its_entry_point(tmp_path,
     assert doc["status"] == "complete", doc["error"]
     assert doc["config"]["method"]["scale"] == 5.0
     assert doc["detection"]["n_noisy"] > 0 and 0 <= doc["detection"]["auroc"] <= 1
+
+
+def test_roles_are_declared_by_each_class_and_not_inherited():
+    assert METHODS.get("clip-ft").role() == "baseline" and METHODS.get("oracle").role() == "upper-bound"
+    assert METHODS.get("rrsitr").role() is None and METHODS.get("zeroshot").role() is None
+
+    class MyVariant(METHODS.get("clip-ft")):  # a subclass is another method, not the baseline
+        pass
+
+    assert MyVariant.role() is None
+    caps = METHODS.get("iebaker").capabilities()
+    assert caps["scores_rows"] and caps["reranks"] and caps["trains"] and not caps["uses_clean_labels"]
+    assert not METHODS.get("zeroshot").capabilities()["trains"]

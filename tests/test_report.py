@@ -326,3 +326,23 @@ def _keys(root: Path):
     from rsnc_bench.store import CellKey
 
     return [CellKey.from_dict(d["key"]) for d in ResultStore(root).iter_results()]
+
+
+def test_reference_rows_are_found_by_their_recorded_role_not_their_name(tmp_path):
+    """A results folder where "oracle" is an ordinary competitor and other names hold the roles."""
+    root = tmp_path / "runs"
+    s = ResultStore(root)
+    roles = {"plain-ft": "baseline", "label-peek": "upper-bound", "oracle": None, "robust": None}
+    values = {"plain-ft": [40, 41, 42], "label-peek": [60, 60, 60], "oracle": [45, 46, 47], "robust": [43, 44, 45]}
+    for method, role in roles.items():
+        for seed, mr in enumerate(values[method], start=1):
+            doc = result(method, 0.4, seed, mr)
+            doc["config"] = {"capabilities": {"role": role}}
+            s.write(doc)
+    data = load(root, ReportOptions(use_references=False))
+    assert data.unranked == {"label-peek"} and data.baseline == "plain-ft"
+    (table,) = leaderboard_tables(data)
+    names = [row[0].text for row in table.rows]
+    assert names[-1] == "label-peek†" and "oracle" in names  # oracle is ranked here: its results say it is a competitor
+    (comparison,) = significance(data)
+    assert {row[1].text for row in comparison.table.rows} == {"plain-ft"}  # every method tested against the recorded baseline

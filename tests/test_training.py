@@ -77,6 +77,7 @@ def test_clip_ft_learns_and_records_everything(tmp_path, synthetic_root):
     assert zeroshot["selected_epoch"] == 0 and zeroshot["timings"]["train_seconds"] == 0
     assert doc["timings"]["samples_per_second"] > 0 and doc["environment"]["packages"]["torch"]
     assert doc["config"]["train"]["epochs"] == 4 and doc["noise"]["manifest_hash"]
+    assert doc["config"]["capabilities"]["role"] == "baseline" and doc["config"]["capabilities"]["trains"]
     sources = doc["config"]["train_sources"]  # which layer set each budget value
     assert sources["preset_hints"] == {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5}
     assert sources["user"] == {"epochs": 4, "batch_size": 16} and sources["method_defaults"]["lr"] == 7e-6

@@ -195,7 +195,8 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
     train_split = manifest.apply(data["train"])
     doc["config"] = {
-        "method": {"name": key.method, **asdict(mconfig)}, "train": asdict(tconfig), "train_sources": train_sources(spec),
+        "method": {"name": key.method, **asdict(mconfig)}, "capabilities": method_cls.capabilities(),
+        "train": asdict(tconfig), "train_sources": train_sources(spec),
         "backbone": asdict(spec.backbone),
         "dataset": {"name": key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
                     "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}, "val": data.val_provenance},

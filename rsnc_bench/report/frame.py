@@ -42,6 +42,22 @@ class ReportData:
         return self.runs[self.runs["status"] == "complete"]
 
     @property
+    def unranked(self) -> frozenset[str]:
+        """Methods shown for reference but never ranked: those that see the clean labels."""
+        return frozenset(self.runs.loc[self.runs["role"] == "upper-bound", "method"])
+
+    @property
+    def baseline(self) -> str | None:
+        """The method the paired test compares with by default: the one whose results record the
+        role "baseline" (the plain fine-tune), never found by its name."""
+        names = sorted(set(self.complete.loc[self.complete["role"] == "baseline", "method"]))
+        return names[0] if names else None
+
+    def role_of(self, method: str) -> str | None:
+        roles = self.runs.loc[self.runs["method"] == method, "role"].dropna()
+        return str(roles.iloc[0]) if len(roles) else None
+
+    @property
     def rates(self) -> list[float]:
         return sorted(self.complete["noise_rate"].unique())
 
@@ -150,9 +166,9 @@ def load(root: str | Path, options: ReportOptions, results: Iterable[dict] | Non
     if options.rate is not None and rates and not np.isclose(rates, options.rate, atol=1e-9).any():
         raise ConfigError(f"--rate {options.rate:g}: no results at that noise rate in {root} "
                           f"(rates there: {', '.join(f'{r:g}' for r in rates)})")
-    if options.compare_to not in ("best", ReportOptions.compare_to) and options.compare_to not in set(done["method"]):
+    if options.compare_to not in ("best", "baseline") and options.compare_to not in set(done["method"]):
         raise ConfigError(f"--compare-to {options.compare_to!r}: no such method in the results of {root} "
-                          f"(methods there: {', '.join(sorted(set(done['method'])))}; or 'best')")
+                          f"(methods there: {', '.join(sorted(set(done['method'])))}; or 'baseline', or 'best')")
     table = table.reset_index(drop=True)
     table.attrs["split"] = options.split
     incomplete = []

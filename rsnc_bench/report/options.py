@@ -21,7 +21,9 @@ class ReportOptions:
     rate: float | None = None  # noise rate of the heatmap and ROC plots; None = the highest one present
     references: Path | None = None  # YAML of reported numbers; None = the shipped file
     use_references: bool = True
-    compare_to: str = "clip-ft"  # the method every other is tested against; "best" = the best by the metric
+    # the method every other is tested against: "baseline" = the one whose results record that role
+    # (clip-ft), "best" = the best by the metric, or a method's name
+    compare_to: str = "baseline"
     split: str = "test"  # test, val or test_last
     report_dir: Path | None = None  # None = <store>/report
 

@@ -25,10 +25,10 @@ from matplotlib.figure import Figure  # figures without pyplot: rendered by Agg 
 from rsnc_bench.engine.detection import auroc
 from rsnc_bench.leaderboard import RECALL_HEADERS, RECALLS, aggregate
 from rsnc_bench.report.frame import TABLE_GROUP, ReportData
-from rsnc_bench.report.tables import UNRANKED, rate_label, reference_for
+from rsnc_bench.report.tables import rate_label, reference_for
 from rsnc_bench.store import format_rate
 
-REFERENCE_STYLE = {"clip-ft": dict(color="0.15", linestyle="--"), "oracle": dict(color="0.55", linestyle=":")}
+ROLE_STYLE = {"baseline": dict(color="0.15", linestyle="--"), "upper-bound": dict(color="0.55", linestyle=":")}  # by Method.role
 MAX_ROC_POINTS = 400
 DPI = 130
 
@@ -48,13 +48,19 @@ def _style() -> dict:
             "axes.titlesize": 11, "legend.fontsize": 9, "legend.frameon": False}
 
 
-def _colours(methods: list[str]) -> dict[str, tuple]:
-    """A fixed colour per method across every plot; the references keep their grey / black."""
-    others = [m for m in sorted(set(methods)) if m not in REFERENCE_STYLE]
+def _styles(data: ReportData, methods: list[str]) -> dict[str, dict]:
+    """A fixed line style per method across every plot: the baseline and the upper bound (found by
+    their recorded role) in black / grey, dashed / dotted; every other method a colour, solid."""
+    roles = {m: data.role_of(m) for m in sorted(set(methods))}
+    others = [m for m, role in roles.items() if role not in ROLE_STYLE]
     palette = sns.color_palette("colorblind" if len(others) <= 10 else "husl", max(len(others), 1))
-    colours = {m: palette[i] for i, m in enumerate(others)}
-    colours.update({m: style["color"] for m, style in REFERENCE_STYLE.items()})
-    return colours
+    styles = {m: dict(color=palette[i], linestyle="-") for i, m in enumerate(others)}
+    styles.update({m: ROLE_STYLE[role] for m, role in roles.items() if role in ROLE_STYLE})
+    return styles
+
+
+def _is_reference(styles: dict[str, dict], method: str) -> bool:
+    return styles[method] in ROLE_STYLE.values()
 
 
 def _grid(n: int, width: float = 5.0, height: float = 3.8, max_cols: int = 3) -> tuple[Figure, list]:
@@ -100,7 +106,7 @@ def chosen_rate(data: ReportData, rates: list[float]) -> float | None:
     return next((r for r in rates if math.isclose(r, data.options.rate, abs_tol=1e-9)), None)
 
 
-def metric_vs_noise(data: ReportData, folder: Path, colours: dict) -> Plot:
+def metric_vs_noise(data: ReportData, folder: Path, styles: dict) -> Plot:
     metric, name = data.options.metric, data.options.metric_name
     title = f"{name} versus noise rate"
     agg = aggregate(data.runs, metrics=[metric])
@@ -112,11 +118,11 @@ def metric_vs_noise(data: ReportData, folder: Path, colours: dict) -> Plot:
                                                           "the results have one or none")
     fig, axes = _grid(len(groups))
     for ax, (key, part) in zip(axes, groups):
-        for method, rows in sorted(part.groupby("method"), key=lambda kv: (kv[0] in REFERENCE_STYLE, kv[0])):
+        for method, rows in sorted(part.groupby("method"), key=lambda kv: (_is_reference(styles, kv[0]), kv[0])):
             rows = rows.sort_values("noise_rate")
             x, y, sd = rows["noise_rate"] * 100, rows[f"{metric}_mean"], rows[f"{metric}_std"].fillna(0)
-            style = REFERENCE_STYLE.get(method, dict(color=colours[method], linestyle="-"))
-            ax.plot(x, y, marker="o", markersize=4, linewidth=1.8, label=method, zorder=3 if method in REFERENCE_STYLE else 2, **style)
+            style = styles[method]
+            ax.plot(x, y, marker="o", markersize=4, linewidth=1.8, label=method, zorder=3 if _is_reference(styles, method) else 2, **style)
             if (rows["n"] > 1).any():
                 ax.fill_between(x, y - sd, y + sd, color=style["color"], alpha=0.15, linewidth=0)
             for rate in rows["noise_rate"]:
@@ -145,7 +151,7 @@ def recall_heatmap(data: ReportData, folder: Path) -> Plot:
     height = max(2.6, 0.42 * max(len(p) for _, p in groups) + 1.4)
     fig, axes = _grid(len(groups), width=6.4, height=height, max_cols=2)
     for ax, (key, part) in zip(axes, groups):
-        part = part.assign(order=part["method"].isin(UNRANKED)).sort_values(["order", "method"])
+        part = part.assign(order=part["method"].isin(data.unranked)).sort_values(["order", "method"])
         grid = part.set_index("method")[[f"{k}_mean" for k in RECALLS]]
         grid.columns = list(RECALL_HEADERS.values())
         sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", cmap="crest", cbar_kws={"label": "recall (%)"},
@@ -182,7 +188,7 @@ def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fpr[keep], tpr[keep]
 
 
-def detection_roc(data: ReportData, folder: Path, colours: dict) -> Plot:
+def detection_roc(data: ReportData, folder: Path, styles: dict) -> Plot:
     done = data.complete
     scored = done[(done["variant"] == "plain") & done["scores"].notna() & (done["noise_rate"] > 0)]
     rate = chosen_rate(data, sorted(scored["noise_rate"].unique()))
@@ -209,7 +215,7 @@ def detection_roc(data: ReportData, folder: Path, colours: dict) -> Plot:
                     continue
                 fpr, tpr = roc_curve(-score[ok], noisy[ok])
                 aurocs.append(auroc(-score[ok], noisy[ok]))  # the detection table's AUROC, so label and table agree
-                style = REFERENCE_STYLE.get(method, dict(color=colours[method], linestyle="-"))
+                style = styles[method]
                 ax.plot(*_thin(fpr, tpr), linewidth=1.6, alpha=1.0 if len(rows) == 1 else 0.6, **style,
                         label=None if i else method)
                 if "flagged_noisy" in arrays and len(arrays["flagged_noisy"]) == len(noisy):
@@ -220,7 +226,7 @@ def detection_roc(data: ReportData, folder: Path, colours: dict) -> Plot:
             if aurocs:
                 label = f"{method}: AUROC {np.mean(aurocs):.3f}" + (f" ± {np.std(aurocs, ddof=1):.3f}" if len(aurocs) > 1 else "")
                 ax.text(0.98, 0.03 + 0.07 * sum(1 for t in ax.texts), label, transform=ax.transAxes, ha="right",
-                        fontsize=8, color=REFERENCE_STYLE.get(method, {}).get("color", colours[method]))
+                        fontsize=8, color=styles[method]["color"])
         ax.set(title=f"{_title(key)} @ {rate_label(rate)}", xlabel="false-positive rate (clean rows flagged)",
                ylabel="true-positive rate (noisy rows found)", xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
     if not drawn:
@@ -231,7 +237,7 @@ def detection_roc(data: ReportData, folder: Path, colours: dict) -> Plot:
                                         "(selected epoch); one curve per run; dot = the method's own noisy flag", png, pdf)
 
 
-def training_curves(data: ReportData, folder: Path, colours: dict) -> Plot:
+def training_curves(data: ReportData, folder: Path, styles: dict) -> Plot:
     metric, name = data.options.metric, data.options.metric_name
     title = f"validation {name} per epoch"
     hist = data.history.dropna(subset=[metric])
@@ -240,9 +246,9 @@ def training_curves(data: ReportData, folder: Path, colours: dict) -> Plot:
     panels = [(tuple(k), part) for k, part in hist.groupby([*TABLE_GROUP, "noise_rate"], sort=True)]
     fig, axes = _grid(len(panels), width=4.6, height=3.3, max_cols=2)
     for ax, (key, part) in zip(axes, panels):
-        for method, rows in sorted(part.groupby("method"), key=lambda kv: (kv[0] in REFERENCE_STYLE, kv[0])):
+        for method, rows in sorted(part.groupby("method"), key=lambda kv: (_is_reference(styles, kv[0]), kv[0])):
             stats = rows.groupby("epoch")[metric].agg(["mean", "std"]).reset_index()
-            style = REFERENCE_STYLE.get(method, dict(color=colours[method], linestyle="-"))
+            style = styles[method]
             ax.plot(stats["epoch"], stats["mean"], marker="o" if len(stats) < 12 else None, markersize=3,
                     linewidth=1.5, label=method, **style)
             if stats["std"].notna().any():
@@ -259,7 +265,7 @@ def training_curves(data: ReportData, folder: Path, colours: dict) -> Plot:
 def draw_all(data: ReportData, folder: Path) -> list[Plot]:
     """Every plot into ``folder`` (PNG and PDF)."""
     methods = [*data.runs["method"].dropna(), *data.history["method"].dropna()]
-    colours = _colours(methods)
+    styles = _styles(data, methods)
     with matplotlib.rc_context(_style()):
-        return [metric_vs_noise(data, folder, colours), recall_heatmap(data, folder),
-                detection_roc(data, folder, colours), training_curves(data, folder, colours)]
+        return [metric_vs_noise(data, folder, styles), recall_heatmap(data, folder),
+                detection_roc(data, folder, styles), training_curves(data, folder, styles)]

@@ -31,7 +31,6 @@ from rsnc_bench.report.references import Reference, find
 from rsnc_bench.report.stats import ALPHA, sign_flip_test
 from rsnc_bench.store import slug
 
-UNRANKED = frozenset({"oracle"})  # uses the clean labels: an upper reference, not a competitor
 DETAIL_METRICS = [*RECALL_HEADERS, "mr", "rsum"]
 DETECTION_NAMES = {"auroc": "AUROC", "ap": "AP", "flag_precision": "flag precision", "flag_recall": "flag recall",
                    "flag_f1": "flag F1"}
@@ -120,10 +119,10 @@ def _title(key: tuple) -> str:
     return f"{dataset} / {backbone} / {protocol} noise"
 
 
-def _method_order(part: pd.DataFrame, column: str) -> list[str]:
+def _method_order(part: pd.DataFrame, column: str, unranked: frozenset[str]) -> list[str]:
     """Methods by their mean of ``column`` over the rates (best first, no value last), oracle last."""
     score = part.groupby("method", sort=False)[column].mean()
-    order = sorted(score.index, key=lambda m: (m in UNRANKED, -score[m] if not math.isnan(score[m]) else math.inf, m))
+    order = sorted(score.index, key=lambda m: (m in unranked, -score[m] if not math.isnan(score[m]) else math.inf, m))
     return list(order)
 
 
@@ -159,7 +158,7 @@ def leaderboard_tables(data: ReportData) -> list[Table]:
     tables = []
     for key, part in _groups(agg):
         rates = sorted(part["noise_rate"].unique())
-        methods = _method_order(part, f"{metric}_mean")
+        methods = _method_order(part, f"{metric}_mean", data.unranked)
         cells = {(r.method, r.noise_rate): r for r in part.itertuples(index=False)}
         refs = {(m, r): reference_for(data, key, m, r) for m in methods for r in rates}
         reported_rates = [r for r in rates if any(ref and ref.value(metric) for (m, rr), ref in refs.items() if rr == r)]
@@ -178,7 +177,7 @@ def leaderboard_tables(data: ReportData) -> list[Table]:
                 else:
                     values.append(Cell(mean=getattr(r, f"{metric}_mean"), std=getattr(r, f"{metric}_std"), n=r.n,
                                        mark=_failed_mark(r.failed)))
-            ranks = _ranks([c.mean for c in values], [m not in UNRANKED for m in methods])
+            ranks = _ranks([c.mean for c in values], [m not in data.unranked for m in methods])
             columns.append([dataclasses.replace(c, rank=k) for c, k in zip(values, ranks)])
             if rate in reported_rates:
                 reported = []
@@ -186,12 +185,12 @@ def leaderboard_tables(data: ReportData) -> list[Table]:
                     value = refs[(m, rate)].value(metric) if refs[(m, rate)] else None
                     reported.append(Cell(value.text() if value else "", reported=bool(value)))
                 columns.append(reported)
-        rows = [[Cell(m + ("†" if m in UNRANKED else ""))] + [col[i] for col in columns] for i, m in enumerate(methods)]
+        rows = [[Cell(m + ("†" if m in data.unranked else ""))] + [col[i] for col in columns] for i, m in enumerate(methods)]
         table = Table(_table_id("leaderboard", key), "leaderboard", f"{_title(key)}: {name} ({data.options.split} split)",
                       header, rows)
         _n_note(table)
         table.notes.append("best per noise rate in bold, second underlined")
-        if any(m in UNRANKED for m in methods):
+        if any(m in data.unranked for m in methods):
             table.notes.append("† trains on the clean labels (an upper reference); not ranked")
         used = {refs[(m, r)] for m in methods for r in reported_rates if refs[(m, r)] and refs[(m, r)].value(metric)}
         table.notes += [_reference_note(ref) for ref in sorted(used, key=lambda ref: (ref.method, ref.noise_rate))]
@@ -214,13 +213,13 @@ def detailed_tables(data: ReportData) -> list[Table]:
         for rate, block in ranked.groupby("noise_rate", sort=True):
             if rows:
                 rules.add(len(rows))
-            methods = _method_order(block, f"{data.options.metric}_mean")
+            methods = _method_order(block, f"{data.options.metric}_mean", data.unranked)
             block = block.set_index("method").loc[methods]
-            eligible = [m not in UNRANKED for m in methods]
+            eligible = [m not in data.unranked for m in methods]
             ranks = {k: _ranks(list(block[f"{k}_mean"]), eligible) for k in DETAIL_METRICS}
             for i, m in enumerate(methods):
                 r = block.loc[m]
-                rows.append([Cell(m + ("†" if m in UNRANKED else "")), Cell(rate_label(rate)),
+                rows.append([Cell(m + ("†" if m in data.unranked else "")), Cell(rate_label(rate)),
                              *[Cell(mean=r[f"{k}_mean"], std=r[f"{k}_std"], n=int(r["n"]), rank=ranks[k][i])
                                for k in DETAIL_METRICS], Cell(str(int(r["n"])) + (f" (+{int(r['failed'])} failed)" if r["failed"] else ""))])
             for m in methods:
@@ -238,7 +237,7 @@ def detailed_tables(data: ReportData) -> list[Table]:
         table.notes = ["mean ± std over the n runs (noise seed × train seed) of each row; best per noise rate "
                        "and column in bold, second underlined; i2t = image query → text gallery, t2i = text query "
                        "→ image gallery; rSum = 6 · mR"]
-        if (part["method"].isin(UNRANKED)).any():
+        if (part["method"].isin(data.unranked)).any():
             table.notes.append("† trains on the clean labels (an upper reference); not ranked")
         table.notes += [_reference_note(ref) for ref in dict.fromkeys(used)]
         tables.append(table)
@@ -260,7 +259,7 @@ def detection_tables(data: ReportData) -> list[Table]:
             methods = sorted(stats.index, key=lambda m: (-np.nan_to_num(stats.loc[m, ("auroc", "mean")], nan=-1), m))
             if rows:
                 rules.add(len(rows))
-            ranks = {c: _ranks([stats.loc[m, (c, "mean")] for m in methods], [m not in UNRANKED for m in methods], 3)
+            ranks = {c: _ranks([stats.loc[m, (c, "mean")] for m in methods], [m not in data.unranked for m in methods], 3)
                      for c in columns}
             for i, m in enumerate(methods):
                 cells = []
@@ -302,14 +301,14 @@ def significance(data: ReportData) -> list[Comparison]:
     out = []
     for key, part in _groups(data.complete):
         wide = part.pivot_table(index=["noise_rate", *SEEDS], columns="method", values=metric, aggfunc="mean")
-        means = part.groupby("method")[metric].mean().drop(list(UNRANKED), errors="ignore").dropna()
-        baseline = data.options.compare_to
+        means = part.groupby("method")[metric].mean().drop(list(data.unranked), errors="ignore").dropna()
+        baseline = data.baseline if data.options.compare_to == "baseline" else data.options.compare_to
         if baseline == "best" or baseline not in wide.columns:
             if means.empty:
                 continue
             baseline = str(means.idxmax())
         rows, tested = [], 0
-        for m in _method_order(part, metric):
+        for m in _method_order(part, metric, data.unranked):
             if m == baseline:
                 continue
             both = wide[[m, baseline]].dropna()
