@@ -237,7 +237,7 @@ def run(config: Optional[Path] = None, **values) -> None:
     from rsnc_bench.grid import run_grid
     from rsnc_bench.leaderboard import summary_line
 
-    grid = load_grid(config, values)
+    grid = load_grid(config, {name: value for name, value in values.items() if value not in (None, [], ())})  # given ones only
     docs, skipped, elsewhere = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
     failed = sum(doc["status"] != "complete" for doc in docs)
     beside = f", {elsewhere} run by another runner on this folder" if elsewhere else ""

@@ -118,6 +118,10 @@ def test_every_grid_field_is_a_run_option_and_reaches_the_grid(tmp_path, monkeyp
     assert grid.freeze_image and not grid.freeze_text and grid.force and grid.workers == 2
     assert grid.backbone_options == ("norm=rs5m", "x=1") and grid.seeds == (3, 13) and grid.data_root == str(tmp_path)
     assert grid.backbone_config("tiny-clip").freeze_image
+    config = tmp_path / "grid.yaml"  # options not given on the command line leave the YAML's values alone
+    config.write_text("train: {epochs: 2}\nbackbone_options: [norm=rs5m]\nquick_gelu: true\nforce: true\n")
+    assert run("run", "--config", config, "--out", tmp_path / "runs").exit_code == 0
+    assert grids[-1].train == ("epochs=2",) and grids[-1].backbone_options == ("norm=rs5m",) and grids[-1].quick_gelu and grids[-1].force
     shown = run("run", "--help").output
     for field in dataclasses.fields(GridConfig):
         assert field.metadata["cli"].names[0] in shown, field.name
