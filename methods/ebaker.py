@@ -24,12 +24,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores, RowSignals
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
 from rsnc_builtin_methods.sar import sar_rerank
@@ -162,7 +161,7 @@ class Ebaker(ClipPipeline):
         self.banks: dict[str, SimilarityBank] = {}
         self.thresholds: dict[str, float | None] = {"global": None, "local": None}
         self.eliminating = False
-        self.last_positive = {"global": torch.empty(0), "local": torch.empty(0)}  # per train row, when last seen
+        self.last_positive = RowSignals("global", "local")  # per train row, when last seen
         self.eliminated = torch.zeros(0, dtype=torch.bool)  # per train row, this epoch
         self.ker = None
         if self.config.ker_weight > 0:
@@ -205,9 +204,7 @@ class Ebaker(ClipPipeline):
         self.eliminated.zero_()
 
     def _ensure_rows(self, n: int) -> None:
-        for name, values in self.last_positive.items():
-            if len(values) < n:
-                self.last_positive[name] = torch.cat([values, torch.full((n - len(values),), math.nan)])
+        self.last_positive.ensure(n)
         if len(self.eliminated) < n:
             self.eliminated = torch.cat([self.eliminated, torch.zeros(n - len(self.eliminated), dtype=torch.bool)])
 
@@ -248,8 +245,7 @@ class Ebaker(ClipPipeline):
     def _record(self, rows: torch.Tensor, positive: dict[str, torch.Tensor], eliminated: torch.Tensor) -> None:
         rows = rows.cpu()
         self._ensure_rows(int(rows.max()) + 1)
-        for name, values in positive.items():
-            self.last_positive[name][rows] = values.float().cpu()
+        self.last_positive.record(rows, **positive)
         self.eliminated[rows] = eliminated.cpu()
 
     # --- evaluation ---------------------------------------------------------------------
@@ -262,17 +258,17 @@ class Ebaker(ClipPipeline):
     def pair_scores(self) -> PairScores | None:
         if not len(self.eliminated):
             return None
-        others = {"local": self.last_positive["local"].numpy().astype(np.float64)} if self.split else {}
-        return PairScores(self.last_positive["global"].numpy().astype(np.float64), self.eliminated.numpy().copy(), others)
+        others = {"local": self.last_positive.numpy("local")} if self.split else {}
+        return PairScores(self.last_positive.numpy("global"), self.eliminated.numpy().copy(), others)
 
     def get_extra_state(self):
         return {"banks": {name: bank.state() for name, bank in self.banks.items()}, "thresholds": dict(self.thresholds),
-                "last_positive": {k: v.clone() for k, v in self.last_positive.items()}, "eliminated": self.eliminated.clone()}
+                "last_positive": self.last_positive.state(), "eliminated": self.eliminated.clone()}
 
     def set_extra_state(self, state) -> None:
         self.banks = {name: SimilarityBank.from_state(s) for name, s in state["banks"].items()}
         self.thresholds = dict(state["thresholds"])
-        self.last_positive = {k: v.clone() for k, v in state["last_positive"].items()}
+        self.last_positive.load(state["last_positive"])
         self.eliminated = state["eliminated"].clone()
 
 

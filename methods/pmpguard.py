@@ -27,7 +27,7 @@ import torch
 from rsnc_bench.backbones import Features
 from rsnc_bench.backbones.base import trim_padding_columns
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, info_nce
+from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, RowSignals, info_nce
 from rsnc_builtin_methods.cga import CrossGatedAttention, Fused, Regions, Words
 from rsnc_builtin_methods.clip_pipeline import cosine_matrix
 from rsnc_builtin_methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
@@ -119,7 +119,7 @@ class PmpGuard(Method):
         self.cga = CrossGatedAttention(backbone.embed_dim, cfg.attention_scale, cfg.gate_bias)
         self.estimate = BoundaryEstimate(cfg.boundary_init, cfg.boundary_alpha, cfg.boundary_momentum, cfg.boundary_window, cfg.boundary_min_samples)
         self.learned_boundary = torch.nn.Parameter(torch.tensor(float(cfg.boundary_init)), requires_grad=cfg.boundary == "learnable")
-        self.signals = {name: torch.empty(0) for name in ("score", "below", "negative_mass", "word_gate")}  # per train row, when last seen
+        self.signals = RowSignals("score", "below", "negative_mass", "word_gate")  # per train row, when last seen
         self._first_stage: tuple[Features, torch.Tensor] | None = None  # (images, per-image K-th best text cosine)
 
     # --- the pair scorer ----------------------------------------------------------------
@@ -241,13 +241,8 @@ class PmpGuard(Method):
                 self.learned_boundary.fill_(self.estimate.value)
 
     def _record(self, rows: torch.Tensor, out: PnaaOutput, fused: Fused, n: int) -> None:
-        rows = rows.cpu()
-        size = int(rows.max()) + 1
-        values = {"score": out.score, "below": out.below, "negative_mass": out.negative_mass, "word_gate": fused.word_gate}
-        for name, value in values.items():
-            if len(self.signals[name]) < size:
-                self.signals[name] = torch.cat([self.signals[name], torch.full((size - len(self.signals[name]),), math.nan)])
-            self.signals[name][rows] = value[:n].detach().float().cpu()
+        self.signals.record(rows, score=out.score[:n], below=out.below[:n], negative_mass=out.negative_mass[:n],
+                            word_gate=fused.word_gate[:n])
 
     def param_groups(self):
         head = [*self.cga.parameters(), self.learned_boundary]
@@ -292,19 +287,19 @@ class PmpGuard(Method):
         """S_PN(i, i) when each row was last seen; flagged when more than half its real words
         have their best region below t. Others: the negative mass, the share of words above t
         and the mean word gate (each oriented higher = cleaner)."""
-        if not len(self.signals["score"]):
+        if not len(self.signals):
             return None
-        get = lambda name: self.signals[name].numpy().astype(np.float64)  # noqa: E731
+        get = self.signals.numpy
         below = get("below")
         return PairScores(clean_score=get("score"), flagged_noisy=np.nan_to_num(below, nan=0.0) > 0.5,
                           others={"negative_mass": -get("negative_mass"), "words_above": 1 - below, "word_gate": -get("word_gate")})
 
     # Resume and best.pt carry the boundary estimate and the per-row signals.
     def get_extra_state(self):
-        return {"estimate": self.estimate.state(), "signals": {k: v.clone() for k, v in self.signals.items()}}
+        return {"estimate": self.estimate.state(), "signals": self.signals.state()}
 
     def set_extra_state(self, state) -> None:
         self.estimate.load(state["estimate"])
-        self.signals = {k: v.clone() for k, v in state["signals"].items()}
+        self.signals.load(state["signals"])
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores, RowSignals
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 
 CLEAN, AMBIGUOUS, NOISY = 0, 1, 2
@@ -107,15 +107,15 @@ class Rrsitr(ClipPipeline):
 
     def __init__(self, backbone, config: RrsitrConfig | None = None):
         super().__init__(backbone, config)
-        self.last_loss = torch.empty(0)  # per train row: l_i when the row was last seen (NaN: never)
+        self.rows = RowSignals("loss")  # per train row: l_i when the row was last seen
         fixed = self.config.thresholds == "fixed"
         self.gammas: tuple[float, float] | None = (self.config.gamma_clean, self.config.gamma_noisy) if fixed else None
 
     # --- training -----------------------------------------------------------------------
     def start_epoch(self, ctx: EpochContext) -> None:
-        self._ensure_rows(ctx.n_rows)
+        self.rows.ensure(ctx.n_rows)
         if self.gammas is None and ctx.epoch > 1:  # quantile mode: calibrate on epoch 1's losses
-            seen = self.last_loss[~torch.isnan(self.last_loss)]
+            seen = self.rows["loss"][~torch.isnan(self.rows["loss"])]
             if len(seen):
                 q = torch.quantile(seen.double(), torch.tensor([self.config.clean_quantile, self.config.noisy_quantile], dtype=torch.float64))
                 self.gammas = (float(q[0]), float(q[1]))
@@ -124,7 +124,7 @@ class Rrsitr(ClipPipeline):
         texts, images = self.encode_pair(batch.text, batch.images)
         s_global = cosine_matrix(texts, images)
         losses = pair_losses(s_global, self.local_matrix(texts, images), self.config.logit_scale)
-        self._record(batch.rows, losses)
+        self.rows.record(batch.rows, loss=losses)
         if self.gammas is None:  # quantile mode, epoch 1: unweighted per-pair loss
             return LossOutput(losses.mean(), losses.detach(), {"calibrating": 1.0})
         terms, category, weight = rrsitr_terms(losses, s_global, self.config, *self.gammas)
@@ -133,29 +133,21 @@ class Rrsitr(ClipPipeline):
                 "weight": weight.mean().item(), "gamma_clean": self.gammas[0], "gamma_noisy": self.gammas[1]}
         return LossOutput(terms.mean(), losses.detach(), logs)
 
-    def _record(self, rows: torch.Tensor, losses: torch.Tensor) -> None:
-        rows = rows.cpu()
-        self._ensure_rows(int(rows.max()) + 1)
-        self.last_loss[rows] = losses.detach().float().cpu()
-
-    def _ensure_rows(self, n: int) -> None:
-        if len(self.last_loss) < n:
-            self.last_loss = torch.cat([self.last_loss, torch.full((n - len(self.last_loss),), math.nan)])
-
     # --- clean-ness signal (methods.md 3.10) ----------------------------------------------
     def pair_scores(self) -> PairScores | None:
-        if not len(self.last_loss):
+        if not len(self.rows):
             return None
-        loss = self.last_loss.numpy().astype(np.float64)
+        loss = self.rows.numpy("loss")
         gamma_noisy = self.gammas[1] if self.gammas is not None else math.inf
         return PairScores(clean_score=-loss, flagged_noisy=np.nan_to_num(loss, nan=-math.inf) >= gamma_noisy)
 
     # Resume and best.pt carry the per-row losses and the (possibly calibrated) thresholds.
     def get_extra_state(self):
-        return {"last_loss": self.last_loss.clone(), "gammas": self.gammas}
+        return {"rows": self.rows.state(), "gammas": self.gammas}
 
     def set_extra_state(self, state) -> None:
-        self.last_loss, self.gammas = state["last_loss"].clone(), state["gammas"]
+        self.rows.load(state["rows"])
+        self.gammas = state["gammas"]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ heads, its loss, its scorer and its clean-ness signal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -71,6 +72,41 @@ class PairScores:
     clean_score: np.ndarray
     flagged_noisy: np.ndarray | None = None
     others: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RowSignals:
+    """Named values per train row that a method records as it sees the rows (NaN: not seen yet),
+    the raw material of its clean-ness signal: grown on demand, written by row index, carried in
+    the method's extra state (``state`` / ``load``) so that resume and ``best.pt`` keep them."""
+
+    def __init__(self, *names: str):
+        self.values = {name: torch.empty(0) for name in names}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    def ensure(self, n_rows: int) -> None:
+        for name, values in self.values.items():
+            if len(values) < n_rows:
+                self.values[name] = torch.cat([values, torch.full((n_rows - len(values),), math.nan)])
+
+    def record(self, rows: torch.Tensor, **values: torch.Tensor) -> None:
+        rows = rows.cpu()
+        self.ensure(int(rows.max()) + 1)
+        for name, value in values.items():
+            self.values[name][rows] = value.detach().float().cpu()
+
+    def numpy(self, name: str) -> np.ndarray:
+        return self.values[name].numpy().astype(np.float64)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: values.clone() for name, values in self.values.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.values = {name: values.clone() for name, values in state.items()}
 
 
 @dataclass(frozen=True)

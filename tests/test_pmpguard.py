@@ -393,7 +393,7 @@ def train_briefly(steps: int = 4, rows: int = 96, batch: int = 48) -> list[torch
         out.loss.backward()
         optimizer.step()
         record += [out.loss.detach(), torch.tensor(out.logs["boundary"])]
-    return record + [p.detach().clone() for p in m.parameters()] + list(m.signals.values())
+    return record + [p.detach().clone() for p in m.parameters()] + list(m.signals.state().values())
 
 
 def test_training_repeats_exactly_with_two_threads():
