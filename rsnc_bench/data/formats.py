@@ -121,14 +121,13 @@ def _require(entry: object, key: str, kind: type, path: Path, where: str):
     return value
 
 
-def _once(seen: dict[str, str], key: str, where: str, path: Path) -> None:
+def _once(seen: dict[tuple[str, str], str], split: str, name: str, where: str, path: Path) -> None:
     """An image is one entry of a split in a per-image format: a second would silently merge into it
-    (``key`` is ``<split>/<name>``; the same image in two splits is leakage, found in ``datasets.py``)."""
-    if key in seen:
-        split, name = key.split("/", 1)
-        raise DataFormatError(path, f"{where} names {name!r} in the {split} split, as {seen[key]} does",
+    (the same image in two splits is leakage, found in ``datasets.py``)."""
+    if (split, name) in seen:
+        raise DataFormatError(path, f"{where} names {name!r} in the {split} split, as {seen[split, name]} does",
                               "give each image one entry (merge their sentences) or fix the file name")
-    seen[key] = where
+    seen[split, name] = where
 
 
 @READERS.register("karpathy")
@@ -138,7 +137,7 @@ def read_karpathy(files: dict[str, Path]) -> dict[str, RawSplit]:
     doc = load_json(path)
     images = _require(doc, "images", list, path, "the top level")
     out: dict[str, RawSplit] = {}
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for i, entry in enumerate(images):
         where = f"images[{i}]"
         name = safe_name(_require(entry, "filename", str, path, where), path, where)
@@ -146,7 +145,7 @@ def read_karpathy(files: dict[str, Path]) -> dict[str, RawSplit]:
         split = SPLIT_ALIASES.get(split_value)
         if split is None:
             raise DataFormatError(path, f"{where}.split is {split_value!r}", f"use one of {', '.join(SPLIT_ALIASES)}")
-        _once(seen, f"{split}/{name}", where, path)
+        _once(seen, split, name, where, path)
         sentences = _require(entry, "sentences", list, path, where)
         for j, sentence in enumerate(sentences):
             raw = _require(sentence, "raw", str, path, f"{where}.sentences[{j}]")
@@ -248,7 +247,7 @@ def read_nwpu(files: dict[str, Path]) -> dict[str, RawSplit]:
     if not isinstance(doc, dict):
         raise DataFormatError(path, "the top level is not an object keyed by class name", "use the NWPU-Captions dataset_nwpu.json")
     out: dict[str, RawSplit] = {}
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for cls, entries in doc.items():
         if not isinstance(entries, list):
             raise DataFormatError(path, f"[{cls!r}] is not a list of images", "use the NWPU-Captions dataset_nwpu.json")
@@ -259,7 +258,7 @@ def read_nwpu(files: dict[str, Path]) -> dict[str, RawSplit]:
             split = SPLIT_ALIASES.get(split_value)
             if split is None:
                 raise DataFormatError(path, f"{where}.split is {split_value!r}", f"use one of {', '.join(SPLIT_ALIASES)}")
-            _once(seen, f"{split}/{name}", where, path)
+            _once(seen, split, name, where, path)
             raw = out.setdefault(split, RawSplit())
             raw.classes[name] = cls
             for key in ("raw", "raw_1", "raw_2", "raw_3", "raw_4"):

@@ -92,17 +92,17 @@ def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([step[k] for step in logs if k in step])) for k in keys}
 
 
+def _copied(values) -> np.ndarray | None:
+    if values is None:
+        return None
+    return values.detach().cpu().numpy().copy() if torch.is_tensor(values) else np.array(values, copy=True)
+
+
 def _snapshot(scores: PairScores | None) -> PairScores | None:
     """A copy the method's later epochs cannot change."""
     if scores is None:
         return None
-    def copy_of(values):
-        if values is None:
-            return None
-        return values.detach().cpu().numpy().copy() if torch.is_tensor(values) else np.array(values, copy=True)
-
-    return PairScores(copy_of(scores.clean_score), copy_of(scores.flagged_noisy),
-                      {name: copy_of(a) for name, a in scores.others.items()})
+    return PairScores(_copied(scores.clean_score), _copied(scores.flagged_noisy), {name: _copied(a) for name, a in scores.others.items()})
 
 
 def _scores_from_plain(saved: dict | None) -> PairScores | None:
