@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -41,7 +42,7 @@ class ReportData:
     def complete(self) -> pd.DataFrame:
         return self.runs[self.runs["status"] == "complete"]
 
-    @property
+    @functools.cached_property
     def unranked(self) -> frozenset[str]:
         """Methods shown for reference but never ranked: those that see the clean labels."""
         return frozenset(self.runs.loc[self.runs["role"] == "upper-bound", "method"])
