@@ -38,7 +38,8 @@ from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
 from rsnc_bench.engine.batches import split_tensors
-from rsnc_bench.engine.evaluate import encode_split, score_blocks
+from rsnc_bench.engine.evaluate import encode_split
+from rsnc_bench.engine.scoring import EncodedSplit
 from rsnc_bench.methods import METHODS, Method
 
 BASELINE = "clip-ft"
@@ -89,7 +90,7 @@ class Runner(StepRunner):
                 self.features = encode_split(self.method, self.val, torch.device("cpu"))
             texts, images = self.features
             start = time.perf_counter()
-            for _ in score_blocks(self.method, texts, images, 1024):
+            for _ in EncodedSplit(self.method, texts, images, 1024).blocks():
                 pass
             return time.perf_counter() - start, len(texts.embedding) * len(images.embedding)
         finally:

@@ -16,17 +16,16 @@ from rsnc_bench.methods import EpochContext, Method
 
 
 class StepRunner:
-    """``method`` trained on ``train`` (a Split) at ``batch_size``; ``captions`` given: ``prepare`` first."""
+    """``method`` trained on ``train`` (a Split) at ``batch_size``; ``captions``: the train captions its first epoch sees."""
 
     def __init__(self, name: str, method: Method, train, batch_size: int, grad_clip: float,
                  captions: list[str] | None = None, seed: int = 0):
         self.name, self.method, self.grad_clip = name, method, grad_clip
         self.train = split_tensors(train, method.backbone, None, native=True)
-        if captions is not None and method.trains:
-            method.prepare(captions)
         self.optimizer = adamw(param_groups(method, 0.1, method.param_groups()), 1e-5)
         method.train()
-        method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu")))
+        method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu"),
+                                        captions or (), getattr(method.backbone, "tokenizer", None)))
         self.preprocess = Preprocess(method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
         self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
         self.batch_size, self.next = batch_size, 0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.retrieval import cosine
-from rsnc_bench.methods import Method, MethodConfig
+from rsnc_bench.methods import Capabilities, Method, MethodConfig
 
 CLIP_SCALE = math.exp(2.996)  # fixed logit scale, tau = 0.05 (methods.md 2.5)
 GRAM_BLOCK_ELEMENTS = 2**26  # Gram rows per block: at most 256 MB of fp32 per block
@@ -41,7 +41,7 @@ class ClipPipelineConfig(MethodConfig):
 def local_tokens(features: Features, keep_padding: bool = True) -> torch.Tensor:
     """[N, T, D] L2-normalised token features; masked-out (padding) positions zeroed unless kept."""
     if features.tokens is None:
-        raise ValueError("this method needs token features; the backbone returned none (needs_tokens must be set)")
+        raise ValueError("this method needs token features; the backbone returned none (declare Capabilities(needs_tokens=True))")
     tokens = F.normalize(features.tokens.float(), dim=-1)
     if not keep_padding and features.mask is not None:
         tokens = tokens * features.mask.unsqueeze(-1).to(tokens.dtype)
@@ -118,7 +118,7 @@ class ClipPipeline(Method):
     module's training flag, and the fused evaluation score."""
 
     config_type = ClipPipelineConfig
-    needs_tokens = True
+    capabilities = Capabilities(needs_tokens=True)
 
     def encode_pair(self, text: torch.Tensor, images: torch.Tensor) -> tuple[Features, Features]:
         return self.backbone.encode_text(text, tokens=True), self.backbone.encode_image(images, tokens=True)

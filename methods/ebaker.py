@@ -19,6 +19,7 @@ section 4), on the shared CLIP pipeline.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from rsnc_bench.engine.scoring import FullScore, Rerank, Scorer
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores, RowSignals
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
 from rsnc_builtin_methods.sar import sar_rerank
@@ -153,7 +155,6 @@ class Ebaker(ClipPipeline):
     """EBAKER (ACM MM 2024): eliminate-before-align (joint mask) + keyword reasoning, global + local Frobenius."""
 
     config_type = EbakerConfig
-    rerank_tag = "sar"
     train_defaults = {"epochs": 7, "batch_size": 100, "lr": 1.5e-5, "warmup_steps": 200, "weight_decay": 0.7, "grad_clip": 50.0}
 
     def __init__(self, backbone, config: EbakerConfig | None = None):
@@ -161,8 +162,6 @@ class Ebaker(ClipPipeline):
         self.banks: dict[str, SimilarityBank] = {}
         self.thresholds: dict[str, float | None] = {"global": None, "local": None}
         self.eliminating = False
-        self.last_positive = RowSignals("global", "local")  # per train row, when last seen
-        self.eliminated = torch.zeros(0, dtype=torch.bool)  # per train row, this epoch
         self.ker = None
         if self.config.ker_weight > 0:
             self.ker = KerHead(backbone.embed_dim, heads=self.config.ker_heads, layers=self.config.ker_layers)
@@ -176,11 +175,8 @@ class Ebaker(ClipPipeline):
         return self.config.eba == "split"
 
     # --- set-up -------------------------------------------------------------------------
-    def prepare(self, captions: Sequence[str]) -> None:
+    def _build_keywords(self, captions: Sequence[str], tokenizer) -> None:
         """KER's keyword vocabulary and masked sequences, from the training captions."""
-        if self.ker is None:
-            return
-        tokenizer = getattr(self.backbone, "tokenizer", None)
         self.keywords = keyword_vocabulary(captions, self.config.keywords, self.config.keyword_source)
         ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
         device = next(self.parameters()).device
@@ -190,6 +186,8 @@ class Ebaker(ClipPipeline):
 
     def start_epoch(self, ctx: EpochContext) -> None:
         cfg = self.config
+        if self.ker is not None and not len(self.ker_ids):  # first epoch, or resumed (the masked ids are not saved)
+            self._build_keywords(ctx.captions, ctx.tokenizer)
         if not self.banks:
             size = cfg.bank_size or ctx.n_rows
             if size > 2 * ctx.n_rows:
@@ -200,13 +198,6 @@ class Ebaker(ClipPipeline):
         for name, bank in self.banks.items():
             self.thresholds[name] = bank.threshold(cfg.effective_drop_ratio)
         self.eliminating = ctx.epoch - 1 >= cfg.drop_epoch
-        self._ensure_rows(ctx.n_rows)
-        self.eliminated.zero_()
-
-    def _ensure_rows(self, n: int) -> None:
-        self.last_positive.ensure(n)
-        if len(self.eliminated) < n:
-            self.eliminated = torch.cat([self.eliminated, torch.zeros(n - len(self.eliminated), dtype=torch.bool)])
 
     # --- training -----------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> LossOutput:
@@ -233,43 +224,29 @@ class Ebaker(ClipPipeline):
             mlm = ker_loss(self.ker, masked.tokens, images.tokens, self.ker_labels[batch.rows.to(self.ker_labels.device)], vocab)
             loss = loss + cfg.ker_weight * mlm
             logs["mlm"] = mlm.item()
-        self._record(batch.rows, positive, ~keep_global)
-        return LossOutput(loss, positive["global"], logs)
+        # clean-ness signal (methods.md 4.9): the positive's global similarity, flagged when eliminated
+        return LossOutput(loss, positive["global"], ~keep_global, {"local": positive["local"]} if self.split else {}, logs)
 
     def _masked_ids(self, batch: Batch) -> torch.Tensor:
-        """The batch rows' keyword-masked token ids, built once per training set by ``prepare``."""
+        """The batch rows' keyword-masked token ids, built from the train captions at the first ``start_epoch``."""
         if not len(self.ker_ids):
-            raise ConfigError("KER has no masked captions: prepare(captions) was not called before training")
+            raise ConfigError("KER has no masked captions: start_epoch was not called with the train captions before training")
         return self.ker_ids[batch.rows.to(self.ker_ids.device)].to(batch.text.device)
 
-    def _record(self, rows: torch.Tensor, positive: dict[str, torch.Tensor], eliminated: torch.Tensor) -> None:
-        rows = rows.cpu()
-        self._ensure_rows(int(rows.max()) + 1)
-        self.last_positive.record(rows, **positive)
-        self.eliminated[rows] = eliminated.cpu()
-
     # --- evaluation ---------------------------------------------------------------------
-    def rerank(self, scores: torch.Tensor):
+    def scorers(self) -> list[Scorer]:
+        """The fused score, and with ``sar`` its SAR re-ranking (methods.md 4.5) as a row of its own."""
         if not self.config.sar:
-            return None
-        return sar_rerank(scores, self.config.sar_k)
+            return [FullScore()]
+        return [FullScore(), Rerank("sar", functools.partial(sar_rerank, k=self.config.sar_k))]
 
-    # --- clean-ness signal (methods.md 4.9) -----------------------------------------------
-    def pair_scores(self) -> PairScores | None:
-        if not len(self.eliminated):
-            return None
-        others = {"local": self.last_positive.numpy("local")} if self.split else {}
-        return PairScores(self.last_positive.numpy("global"), self.eliminated.numpy().copy(), others)
-
+    # Resume and best.pt carry the similarity banks and their thresholds.
     def get_extra_state(self):
-        return {"banks": {name: bank.state() for name, bank in self.banks.items()}, "thresholds": dict(self.thresholds),
-                "last_positive": self.last_positive.state(), "eliminated": self.eliminated.clone()}
+        return {"banks": {name: bank.state() for name, bank in self.banks.items()}, "thresholds": dict(self.thresholds)}
 
     def set_extra_state(self, state) -> None:
         self.banks = {name: SimilarityBank.from_state(s) for name, s in state["banks"].items()}
         self.thresholds = dict(state["thresholds"])
-        self.last_positive.load(state["last_positive"])
-        self.eliminated = state["eliminated"].clone()
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rsnc_bench.backbones import Features
 from rsnc_bench.backbones.base import trim_padding_columns
+from rsnc_bench.engine.scoring import EncodedSplit, FullScore, Scorer, full_precision
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, LossOutput, Method, MethodConfig, PairScores, RowSignals, info_nce
+from rsnc_bench.methods import METHODS, Batch, Capabilities, LossOutput, Method, MethodConfig, info_nce
 from rsnc_builtin_methods.cga import CrossGatedAttention, Fused, Regions, Words
 from rsnc_builtin_methods.clip_pipeline import cosine_matrix
 from rsnc_builtin_methods.pnaa import BoundaryEstimate, PnaaOutput, Scratch, pnaa, pnaa_scores
@@ -108,7 +108,7 @@ class PmpGuard(Method):
     """PMPGuard (AAAI 2026), reconstructed: cross-gated attention + positive-negative awareness attention, pair-wise scorer."""
 
     config_type = PmpGuardConfig
-    needs_tokens = True
+    capabilities = Capabilities(needs_tokens=True)
     # [I] methods.md 5.2 / 5.5: AdamW lr 1e-5 (new layers 1e-4), batch 64-128, 30 epochs, cosine;
     # weight decay 0.01 (PIR's Swin + BERT recipe), gradient clip 2 (NAAF).
     train_defaults = {"epochs": 30, "batch_size": 128, "lr": 1e-5, "warmup_steps": 200, "weight_decay": 0.01, "grad_clip": 2.0}
@@ -119,8 +119,6 @@ class PmpGuard(Method):
         self.cga = CrossGatedAttention(backbone.embed_dim, cfg.attention_scale, cfg.gate_bias)
         self.estimate = BoundaryEstimate(cfg.boundary_init, cfg.boundary_alpha, cfg.boundary_momentum, cfg.boundary_window, cfg.boundary_min_samples)
         self.learned_boundary = torch.nn.Parameter(torch.tensor(float(cfg.boundary_init)), requires_grad=cfg.boundary == "learnable")
-        self.signals = RowSignals("score", "below", "negative_mass", "word_gate")  # per train row, when last seen
-        self._first_stage: tuple[Features, torch.Tensor] | None = None  # (images, per-image K-th best text cosine)
 
     # --- the pair scorer ----------------------------------------------------------------
     def boundary(self) -> float | torch.Tensor:
@@ -215,14 +213,22 @@ class PmpGuard(Method):
         positive, neg_image, neg_text = out.score.split(n)
         pa_rows = triplet(positive, neg_image, neg_text, cfg.margin)
         loss = ia + cfg.loss_weight * pa_rows.sum()  # L_PA sums over the batch (VSE++ / NAAF)
-        self._record(batch.rows, out, fused, n)
         self._update_boundary(full, words.mask)
         logs = {"boundary": float(torch.as_tensor(self.boundary()).detach()), "boundary_safe": self.estimate.safe, "boundary_fits": float(self.estimate.fits),
                 "flagged": (out.below[:n] > 0.5).float().mean().item(),
                 "word_gate_pos": fused.word_gate[:n].mean().item(), "word_gate_neg": fused.word_gate[n:].mean().item(),
                 "region_gate_pos": fused.region_gate[:n].mean().item(), "region_gate_neg": fused.region_gate[n:].mean().item(),
                 "l_ia": ia.item(), "l_pa": pa_rows.sum().item(), **self.estimate.stats}
-        return LossOutput(loss, (ia_rows + cfg.loss_weight * pa_rows).detach(), logs)
+        return LossOutput(loss, *self._clean_signal(out, fused, n), logs=logs)
+
+    @staticmethod
+    def _clean_signal(out: PnaaOutput, fused: Fused, n: int):
+        """Methods.md 5.8: S_PN(i, i); flagged when more than half its real words have their best
+        region below t. Others: the negative mass, the share of words above t and the mean word
+        gate, each oriented higher = cleaner."""
+        below = out.below[:n].detach().double()
+        others = {"negative_mass": -out.negative_mass[:n].detach(), "words_above": 1 - below, "word_gate": -fused.word_gate[:n].detach()}
+        return out.score[:n].detach(), below > 0.5, others
 
     def _update_boundary(self, full: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
         """Boundary samples as NAAF takes them: for each caption whose own image ranks first, the
@@ -240,36 +246,31 @@ class PmpGuard(Method):
             with torch.no_grad():
                 self.learned_boundary.fill_(self.estimate.value)
 
-    def _record(self, rows: torch.Tensor, out: PnaaOutput, fused: Fused, n: int) -> None:
-        self.signals.record(rows, score=out.score[:n], below=out.below[:n], negative_mass=out.negative_mass[:n],
-                            word_gate=fused.word_gate[:n])
-
     def param_groups(self):
         head = [*self.cga.parameters(), self.learned_boundary]
         ids = {id(p) for p in head}
         return [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": head, "lr_scale": self.config.head_lr_scale}]
 
     # --- evaluation ---------------------------------------------------------------------
-    def begin_scoring(self, texts: Features, images: Features) -> None:
-        """With ``rescore_top_k``: each image's K-th best text cosine over the whole split."""
-        self._first_stage = None
-        k = self.config.rescore_top_k
-        if k and k < len(texts.embedding):
-            g = cosine_matrix(texts, images)
-            self._first_stage = (images, g.topk(k, dim=0).values[-1])
-
     def score(self, texts: Features, images: Features) -> torch.Tensor:
-        """[n_texts, n_images]: S_PN (fused with the global cosine by ``fusion_alpha``), every
-        pair or, with ``rescore_top_k``, only the first stage's candidates."""
+        """[n_texts, n_images]: S_PN of every pair, fused with the global cosine by ``fusion_alpha``."""
+        s = self.grid(*self.parts(texts, images))["score"]
+        alpha = self.config.fusion_alpha
+        return alpha * cosine_matrix(texts, images) + (1 - alpha) * s if alpha else s
+
+    def scorers(self) -> list[Scorer]:
+        return [TopKRescore(self.config.rescore_top_k)] if self.config.rescore_top_k else [FullScore()]
+
+    def score_candidates(self, texts: Features, images: Features, image_kth: torch.Tensor | None) -> torch.Tensor:
+        """[n_texts, n_images]: the fused S_PN for each text's top K images under the global cosine
+        and, given ``image_kth`` (each image's K-th best text cosine over the whole split), each
+        image's top K texts; every other pair keeps its cosine, below all of those."""
         words, regions = self.parts(texts, images)
         alpha, k = self.config.fusion_alpha, self.config.rescore_top_k
-        g = cosine_matrix(texts, images) if alpha or k else None
-        if not k:
-            s = self.grid(words, regions)["score"]
-            return s if g is None else alpha * g + (1 - alpha) * s
-        candidate = g >= g.topk(min(k, g.shape[1]), dim=1).values[:, -1:]  # each text's top K images
-        if self._first_stage is not None and self._first_stage[0] is images:
-            candidate |= g >= self._first_stage[1]  # each image's top K texts over the whole split
+        g = cosine_matrix(texts, images)
+        candidate = g >= g.topk(min(k, g.shape[1]), dim=1).values[:, -1:]
+        if image_kth is not None:
+            candidate |= g >= image_kth
         out = g - OUTSIDE_TOP_K
         text_idx, image_idx = candidate.nonzero(as_tuple=True)
         block = pairs_per_block(words, regions)
@@ -279,27 +280,30 @@ class PmpGuard(Method):
             out[t, i] = alpha * g[t, i] + (1 - alpha) * s.float()
         return out
 
-    def score_tag(self) -> str:
-        return f"top{self.config.rescore_top_k}" if self.config.rescore_top_k else ""
-
-    # --- clean-ness signal (methods.md 5.8) ----------------------------------------------
-    def pair_scores(self) -> PairScores | None:
-        """S_PN(i, i) when each row was last seen; flagged when more than half its real words
-        have their best region below t. Others: the negative mass, the share of words above t
-        and the mean word gate (each oriented higher = cleaner)."""
-        if not len(self.signals):
-            return None
-        get = self.signals.numpy
-        below = get("below")
-        return PairScores(clean_score=get("score"), flagged_noisy=np.nan_to_num(below, nan=0.0) > 0.5,
-                          others={"negative_mass": -get("negative_mass"), "words_above": 1 - below, "word_gate": -get("word_gate")})
-
-    # Resume and best.pt carry the boundary estimate and the per-row signals.
+    # Resume and best.pt carry the boundary estimate.
     def get_extra_state(self):
-        return {"estimate": self.estimate.state(), "signals": self.signals.state()}
+        return {"estimate": self.estimate.state()}
 
     def set_extra_state(self, state) -> None:
         self.estimate.load(state["estimate"])
-        self.signals.load(state["signals"])
 
 
+@dataclass(frozen=True)
+class TopKRescore(Scorer):
+    """A two-stage scorer (tag ``top<K>``): the global cosine picks each text's top K images and
+    each image's top K texts over the whole split, and only those pairs get S_PN."""
+
+    k: int
+
+    @property
+    def tag(self) -> str:
+        return f"top{self.k}"
+
+    def __call__(self, split: EncodedSplit):
+        image_kth = None
+        if self.k < len(split.texts.embedding):
+            with full_precision(split.device):
+                image_kth = cosine_matrix(split.texts, split.images).topk(self.k, dim=0).values[-1]
+        for texts in split.text_chunks():
+            with full_precision(split.device):
+                yield split.method.score_candidates(texts, split.images, image_kth).float().cpu()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, PairScores, RowSignals
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
 
 CLEAN, AMBIGUOUS, NOISY = 0, 1, 2
@@ -107,15 +106,14 @@ class Rrsitr(ClipPipeline):
 
     def __init__(self, backbone, config: RrsitrConfig | None = None):
         super().__init__(backbone, config)
-        self.rows = RowSignals("loss")  # per train row: l_i when the row was last seen
         fixed = self.config.thresholds == "fixed"
         self.gammas: tuple[float, float] | None = (self.config.gamma_clean, self.config.gamma_noisy) if fixed else None
 
     # --- training -----------------------------------------------------------------------
     def start_epoch(self, ctx: EpochContext) -> None:
-        self.rows.ensure(ctx.n_rows)
-        if self.gammas is None and ctx.epoch > 1:  # quantile mode: calibrate on epoch 1's losses
-            seen = self.rows["loss"][~torch.isnan(self.rows["loss"])]
+        if self.gammas is None and ctx.epoch > 1 and "clean" in ctx.signals:  # quantile mode: calibrate on epoch 1's losses
+            loss = -ctx.signals["clean"]  # the clean-ness signal is -l_i (exact)
+            seen = loss[~torch.isnan(loss)]
             if len(seen):
                 q = torch.quantile(seen.double(), torch.tensor([self.config.clean_quantile, self.config.noisy_quantile], dtype=torch.float64))
                 self.gammas = (float(q[0]), float(q[1]))
@@ -124,29 +122,21 @@ class Rrsitr(ClipPipeline):
         texts, images = self.encode_pair(batch.text, batch.images)
         s_global = cosine_matrix(texts, images)
         losses = pair_losses(s_global, self.local_matrix(texts, images), self.config.logit_scale)
-        self.rows.record(batch.rows, loss=losses)
-        if self.gammas is None:  # quantile mode, epoch 1: unweighted per-pair loss
-            return LossOutput(losses.mean(), losses.detach(), {"calibrating": 1.0})
+        # clean-ness signal (methods.md 3.10): -l_i, flagged when l_i >= gamma_noisy
+        clean = -losses.detach()
+        if self.gammas is None:  # quantile mode, epoch 1: unweighted per-pair loss, nothing flagged yet
+            return LossOutput(losses.mean(), clean, torch.zeros_like(clean, dtype=torch.bool), logs={"calibrating": 1.0})
         terms, category, weight = rrsitr_terms(losses, s_global, self.config, *self.gammas)
         share = (torch.bincount(category, minlength=3).float() / len(category)).tolist()  # indexed by CLEAN, AMBIGUOUS, NOISY
         logs = {"clean": share[CLEAN], "ambiguous": share[AMBIGUOUS], "noisy": share[NOISY],
                 "weight": weight.mean().item(), "gamma_clean": self.gammas[0], "gamma_noisy": self.gammas[1]}
-        return LossOutput(terms.mean(), losses.detach(), logs)
+        return LossOutput(terms.mean(), clean, losses.detach().double() >= self.gammas[1], logs=logs)
 
-    # --- clean-ness signal (methods.md 3.10) ----------------------------------------------
-    def pair_scores(self) -> PairScores | None:
-        if not len(self.rows):
-            return None
-        loss = self.rows.numpy("loss")
-        gamma_noisy = self.gammas[1] if self.gammas is not None else math.inf
-        return PairScores(clean_score=-loss, flagged_noisy=np.nan_to_num(loss, nan=-math.inf) >= gamma_noisy)
-
-    # Resume and best.pt carry the per-row losses and the (possibly calibrated) thresholds.
+    # Resume and best.pt carry the (possibly calibrated) thresholds.
     def get_extra_state(self):
-        return {"rows": self.rows.state(), "gammas": self.gammas}
+        return {"gammas": self.gammas}
 
     def set_extra_state(self, state) -> None:
-        self.rows.load(state["rows"])
         self.gammas = state["gammas"]
 
 

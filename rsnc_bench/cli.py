@@ -382,7 +382,7 @@ def list_methods(pattern: str = typer.Argument("*", help="Wildcard filter.")):
         typer.echo("no methods registered yet")
     width = max(map(len, names), default=0)
     for name in names:
-        typer.echo(f"{name:{width}s}  {first_line(METHODS.get(name).__doc__)}")
+        typer.echo(f"{name:{width}s}  {first_line(METHODS.entry(name).doc)}")
 
 
 @list_app.command("backbones")

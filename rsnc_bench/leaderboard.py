@@ -4,8 +4,9 @@ A configuration is (dataset, backbone, noise_protocol, noise_rate, method); its 
 complete cells with distinct (noise_seed, train_seed). Cells that failed or diverged are
 counted in ``failed`` so a table shows what is missing.
 
-An evaluation-time re-ranker's test metrics (``test_rerank``, tagged ``rerank_tag`` such as
-"sar") get a row of their own, method ``<method>+<tag>``, next to the plain one.
+A method's further test scorers (``test_variants``: a re-ranker such as "sar"; ``test_rerank``
+and ``rerank_tag`` in results written before) get a row of their own, method ``<method>+<tag>``,
+next to the plain one.
 
 ``runs`` is the tidy per-run frame and ``aggregate`` its mean / std per configuration; the
 report (``rsnc_bench.report``) builds its tables and plots on both.
@@ -59,29 +60,38 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _variants(doc: dict[str, Any]) -> dict[str, Any]:
+    """The further scorers' test metrics by tag (results before ``test_variants``: ``test_rerank``)."""
+    if isinstance(doc.get("test_variants"), dict):
+        return doc["test_variants"]
+    if isinstance(doc.get("test_rerank"), dict):
+        tag = doc.get("rerank_tag")
+        return {tag if isinstance(tag, str) and tag else "rerank": doc["test_rerank"]}
+    return {}
+
+
 def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, str, Any]]:
     """(method name, variant, metrics) per row a complete document contributes: the plain one
     (named ``<method>@<score_tag>`` when its scorer was tagged), plus ``<method>+<tag>`` (variant
-    "rerank") from ``test_rerank`` on the test split."""
+    "rerank") per further scorer on the test split."""
     score_tag = doc.get("score_tag")
     if isinstance(score_tag, str) and score_tag:
         method = f"{method}@{score_tag}"
     rows = [(method, "plain", doc.get(split))]
-    if split == "test" and isinstance(doc.get("test_rerank"), dict):
-        tag = doc.get("rerank_tag")
-        rows.append((f"{method}+{tag if isinstance(tag, str) and tag else 'rerank'}", "rerank", doc["test_rerank"]))
+    if split == "test":
+        rows += [(f"{method}+{tag}", "rerank", metrics) for tag, metrics in _variants(doc).items()]
     return rows
 
 
 def _role(doc: dict[str, Any], method: str) -> str | None:
-    """The role the result records (``Method.role``); for results written before roles were
-    recorded, the registered method's."""
+    """The role the result records; for results written before roles were recorded, the
+    registered method's."""
     capabilities = _mapping(_mapping(doc.get("config")).get("capabilities"))
     if "role" in capabilities:
         return capabilities["role"]
     from rsnc_bench.methods import METHODS  # only for older results: the registry imports torch
 
-    return METHODS.get(method).role() if method in METHODS else None
+    return METHODS.entry(method).role if method in METHODS else None
 
 
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -155,7 +165,7 @@ def leaderboard(results: Iterable[dict[str, Any]], split: str = "test") -> pd.Da
 
     std uses ddof=1 and is NaN for a single run. A complete cell without metrics for ``split``
     is left out. ``auroc_mean`` averages the runs that report a detection AUROC (NaN if none).
-    A test re-rank (``test_rerank``) adds a ``<method>+<rerank_tag>`` row (tag "rerank" if unnamed).
+    Each further test scorer (``test_variants``) adds a ``<method>+<tag>`` row.
     A cell found twice (same key) counts once. Sorted by dataset, backbone, protocol, rate, then mR (best first).
     """
     df = aggregate(runs(results, split)).reindex(columns=COLUMNS)

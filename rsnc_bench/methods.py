@@ -14,19 +14,21 @@ whose defaults are the paper's::
 
         def training_loss(self, batch):
             ...
-            return LossOutput(loss, per_row)
+            return LossOutput(loss, clean=-per_row_loss)
 
-The harness never imports a method by name: the registry loads the ``rsnc_bench.methods``
-entry-point group (the built-in ``methods`` package is one entry) on first use. The trainer
-owns data, devices, precision, the optimiser loop, checkpoints and evaluation; a method owns its
-heads, its loss, its scorer and its clean-ness signal.
+Eight members, all optional but ``training_loss``: ``config_type``, ``train_defaults``,
+``capabilities``, ``training_loss``, ``start_epoch``, ``param_groups``, ``score`` and
+``scorers``. The trainer owns data, devices, precision, the optimiser loop, checkpoints,
+evaluation and the per-row clean-ness signals the losses hand back; a method owns its heads,
+its loss and its scorer. The harness never imports a method by name: the registry loads the
+``rsnc_bench.methods`` entry-point group (the built-ins are one entry) on first use.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -34,13 +36,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsnc_bench.backbones.base import DualEncoder, Features
-from rsnc_bench.engine.retrieval import Reranked, cosine
+from rsnc_bench.engine.retrieval import cosine
+from rsnc_bench.engine.scoring import FullScore, Scorer
+from rsnc_bench.errors import ConfigError
 from rsnc_bench.registry import Registry
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config. Subclasses add fields whose defaults are the paper's."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares; every result records it.
+
+    ``trains`` False: evaluate the backbone as given. ``needs_tokens``: encoders return token
+    features too. ``baseline``: the plain fine-tune the report's paired test compares every
+    other method with; it counts only where the class declares its own ``capabilities``."""
+
+    trains: bool = True
+    needs_tokens: bool = False
+    baseline: bool = False
 
 
 @dataclass
@@ -56,34 +73,94 @@ class Batch:
 
 @dataclass
 class LossOutput:
-    """The batch loss to minimise and, per row, the loss or score the method computed for it."""
+    """The batch loss to minimise and, per batch row, the method's clean-ness signal: ``clean``
+    (higher = cleaner), its own decision ``flagged`` that a row is noisy, and further named
+    clean-ness scores in ``others``. The harness keeps each row's latest values, checkpoints
+    them and scores the selected epoch's against the noise manifest. ``logs``: floats per step."""
 
     loss: torch.Tensor
-    per_row: torch.Tensor | None = None  # [B], detached by the trainer
+    clean: torch.Tensor | None = None  # [B]
+    flagged: torch.Tensor | None = None  # [B] bool
+    others: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B]
     logs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PairScores:
-    """A clean-ness score per train row (higher = cleaner; NaN = not scored) and, when the method
-    has one, its own binary decision that a row is noisy. ``others`` holds further named
-    clean-ness scores (same convention), each scored against the manifest as well."""
+    """A clean-ness score per train row (higher = cleaner; NaN = not scored), the method's own
+    flags (None: it gives none) and further named scores (same convention)."""
 
     clean_score: np.ndarray
     flagged_noisy: np.ndarray | None = None
     others: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EpochContext:
+    """What ``start_epoch`` sees. ``signals`` holds the clean-ness signals of every train row so
+    far (:class:`RowSignals`, NaN = not seen yet), e.g. to calibrate thresholds on epoch 1's."""
+
+    epoch: int  # 1-based
+    epochs: int
+    n_rows: int  # train rows it trains on this epoch
+    steps_per_epoch: int
+    device: torch.device
+    captions: Sequence[str] = ()  # train captions in row order, as paired (noise included)
+    tokenizer: Callable | None = None  # the backbone's
+    signals: RowSignals = field(default_factory=lambda: RowSignals())
+
+
+class Method(nn.Module):
+    """Base class: the plain CLIP pipeline's pieces, each one overridable.
+
+    State outside parameters and buffers (queues, calibrated thresholds) goes through
+    ``nn.Module.get_extra_state`` / ``set_extra_state``, so checkpoints carry it."""
+
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig
+    # the paper's budget (epochs, lr, ...): over the harness defaults, under the user's overrides
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, backbone: DualEncoder, config: MethodConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.config_type()
+
+    def training_loss(self, batch: Batch) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} trains but defines no training_loss")
+
+    def start_epoch(self, ctx: EpochContext) -> None:
+        """Bookkeeping before each epoch: a vocabulary from ``ctx.captions``, self-paced splits."""
+
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups with their own ``lr_scale`` (e.g. new heads at 10x).
+        None: the trainer's default groups over all trainable parameters."""
+        return None
+
+    def score(self, texts: Features, images: Features) -> torch.Tensor:
+        """[n_texts, n_images] similarity for a chunk of texts against all images.
+        Default: cosine of the global embeddings."""
+        return cosine(texts.embedding, images.embedding)
+
+    def scorers(self) -> list[Scorer]:
+        """How the evaluator ranks a split: the first scorer gives the method's own row (named
+        ``<method>@<tag>`` when tagged, e.g. a top-K first stage), each further one a row
+        ``<method>+<tag>`` (a re-ranker such as SAR). Default: ``score`` over every pair."""
+        return [FullScore()]
+
+
 class RowSignals:
-    """Named values per train row that a method records as it sees the rows (NaN: not seen yet),
-    the raw material of its clean-ness signal: grown on demand, written by row index, carried in
-    the method's extra state (``state`` / ``load``) so that resume and ``best.pt`` keep them."""
+    """Named float64 values per train row, recorded as rows are seen (NaN: not seen yet): grown
+    on demand, written by row index, saved in checkpoints through ``state`` / ``load``."""
 
     def __init__(self, *names: str):
-        self.values = {name: torch.empty(0) for name in names}
+        self.values = {name: torch.empty(0, dtype=torch.float64) for name in names}
 
     def __len__(self) -> int:
-        return len(next(iter(self.values.values())))
+        return max((len(v) for v in self.values.values()), default=0)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[name]
@@ -91,16 +168,18 @@ class RowSignals:
     def ensure(self, n_rows: int) -> None:
         for name, values in self.values.items():
             if len(values) < n_rows:
-                self.values[name] = torch.cat([values, torch.full((n_rows - len(values),), math.nan)])
+                self.values[name] = torch.cat([values, torch.full((n_rows - len(values),), math.nan, dtype=torch.float64)])
 
     def record(self, rows: torch.Tensor, **values: torch.Tensor) -> None:
         rows = rows.cpu()
-        self.ensure(int(rows.max()) + 1)
+        for name in values:
+            self.values.setdefault(name, torch.empty(0, dtype=torch.float64))
+        self.ensure(max(len(self), int(rows.max()) + 1))
         for name, value in values.items():
-            self.values[name][rows] = value.detach().float().cpu()
+            self.values[name][rows] = value.detach().to("cpu", torch.float64)
 
     def numpy(self, name: str) -> np.ndarray:
-        return self.values[name].numpy().astype(np.float64)
+        return self.values[name].numpy().copy()
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: values.clone() for name, values in self.values.items()}
@@ -109,122 +188,85 @@ class RowSignals:
         self.values = {name: values.clone() for name, values in state.items()}
 
 
+FLAGGED, CLEAN = "flagged", "clean"
+
+
+def record_signals(signals: RowSignals, rows: torch.Tensor, out: LossOutput) -> None:
+    """Keep a step's clean-ness signals per train row (the harness calls this after each loss)."""
+    if out.clean is None:
+        if out.flagged is not None or out.others:
+            raise ConfigError("a LossOutput gave flags or other scores without clean: give clean too")
+        return
+    values = {CLEAN: out.clean, **({FLAGGED: out.flagged} if out.flagged is not None else {}),
+              **{f"others.{name}": value for name, value in out.others.items()}}
+    for name, value in values.items():
+        if value.shape != rows.shape:
+            raise ConfigError(f"LossOutput.{name} has shape {tuple(value.shape)}; give one value per batch row, {tuple(rows.shape)}")
+    signals.record(rows, **values)
+
+
+def pair_scores(signals: RowSignals) -> PairScores | None:
+    """Each row's latest signals as the detection metrics read them (None before any)."""
+    if CLEAN not in signals:
+        return None
+    flagged = np.nan_to_num(signals.numpy(FLAGGED), nan=0.0) > 0.5 if FLAGGED in signals else None
+    others = {name.removeprefix("others."): signals.numpy(name) for name in signals.values if name.startswith("others.")}
+    return PairScores(signals.numpy(CLEAN), flagged, others)
+
+
+# Data variants: which train rows a registered name trains on, given the manifest's clean flags.
+TRAIN_ROWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "all": lambda clean: np.arange(len(clean)),
+    "clean": np.flatnonzero,  # an oracle: it sees the labels, so reports show it and never rank it
+}
+
+
 @dataclass(frozen=True)
-class EpochContext:
-    epoch: int  # 1-based
-    epochs: int
-    n_rows: int  # train rows (after any row selection)
-    steps_per_epoch: int
-    device: torch.device
+class Registered:
+    """What a method name stands for: a class, the train rows it sees, its listing line."""
 
+    cls: type[Method]
+    rows: str
+    doc: str
 
-class Method(nn.Module):
-    """Base class: the plain CLIP pipeline's pieces, each one overridable.
-
-    Capability flags (class variables) tell the trainer what a method needs:
-    ``trains`` (False: evaluate the backbone as given), ``needs_tokens`` (token features at
-    encode time), ``uses_clean_labels`` (sees the manifest's clean flags: only the oracle).
-    ``train_defaults`` holds the paper's training budget (epochs, lr, ...), applied over the
-    harness defaults and under the user's overrides. ``baseline`` marks the plain fine-tune that
-    the report tests every other method against (declared by the class itself, not inherited).
-    Every result records ``capabilities()``, and the report finds its reference rows by them.
-    """
-
-    name: ClassVar[str] = ""
-    config_type: ClassVar[type[MethodConfig]] = MethodConfig
-    train_defaults: ClassVar[dict[str, Any]] = {}
-    trains: ClassVar[bool] = True
-    needs_tokens: ClassVar[bool] = False
-    uses_clean_labels: ClassVar[bool] = False
-    rerank_tag: ClassVar[str] = "rerank"  # leaderboard suffix of the re-ranked results ("iebaker+sar")
-    baseline: ClassVar[bool] = False
-
-    @classmethod
-    def role(cls) -> str | None:
-        """How a report treats the method: "upper-bound" (sees the clean labels: shown, never
-        ranked), "baseline" (what the paired test compares with), or None (a competitor)."""
-        if cls.uses_clean_labels:
+    @property
+    def role(self) -> str | None:
+        """"upper-bound" (trains on the clean rows), "baseline" (the class itself declares it) or None."""
+        if self.rows != "all":
             return "upper-bound"
-        return "baseline" if cls.__dict__.get("baseline", False) else None
+        return "baseline" if "capabilities" in vars(self.cls) and self.cls.capabilities.baseline else None
 
-    @classmethod
-    def capabilities(cls) -> dict[str, Any]:
-        """What the method declares, recorded in every result it produces."""
-        return {"trains": cls.trains, "needs_tokens": cls.needs_tokens, "uses_clean_labels": cls.uses_clean_labels,
-                "scores_rows": cls.pair_scores is not Method.pair_scores, "reranks": cls.rerank is not Method.rerank,
-                "role": cls.role()}
-
-    def __init__(self, backbone: DualEncoder, config: MethodConfig | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.config = config if config is not None else self.config_type()
-
-    # --- training -----------------------------------------------------------------------
-    def training_loss(self, batch: Batch) -> LossOutput:
-        raise NotImplementedError(f"{type(self).__name__} trains but defines no training_loss")
-
-    def prepare(self, captions: Sequence[str]) -> None:
-        """Called once before training with the train captions in row order, as paired (noise
-        included): e.g. to build a keyword vocabulary. Default: nothing."""
-
-    def start_epoch(self, ctx: EpochContext) -> None:
-        """Bookkeeping before each epoch (self-paced splits, queues). Default: nothing."""
-
-    def select_train_rows(self, clean: np.ndarray) -> np.ndarray | None:
-        """Train rows to keep, given the manifest's clean flags; only called when
-        ``uses_clean_labels``. None keeps every row."""
-        return None
-
-    def param_groups(self) -> list[dict[str, Any]] | None:
-        """Optimiser parameter groups with their own ``lr_scale`` (e.g. new heads at 10x).
-        None: the trainer's default groups over all trainable parameters."""
-        return None
-
-    # --- evaluation ---------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> Features:
-        return self.backbone.encode_image(images, tokens=self.needs_tokens)
-
-    def encode_texts(self, text: torch.Tensor) -> Features:
-        return self.backbone.encode_text(text, tokens=self.needs_tokens)
-
-    def score(self, texts: Features, images: Features) -> torch.Tensor:
-        """[n_texts, n_images] similarity for a chunk of texts against all images.
-        Default: cosine of the global embeddings."""
-        return cosine(texts.embedding, images.embedding)
-
-    def begin_scoring(self, texts: Features, images: Features) -> None:
-        """Called once per evaluation with every text and image feature, before the chunked
-        ``score`` calls: e.g. to pick a first stage's candidates over the whole split. Default: nothing."""
-
-    def score_tag(self) -> str:
-        """A tag for results whose scorer departs from the method's full score (e.g. "top100"
-        when only a first stage's top 100 are re-scored); the leaderboard shows ``<method>@<tag>``.
-        Empty: the full score."""
-        return ""
-
-    def rerank(self, scores: torch.Tensor) -> torch.Tensor | Reranked | None:
-        """An evaluation-time re-ranker over the full [n_texts, n_images] matrix: a re-scored
-        matrix, or a ``Reranked`` pair when text->image and image->text re-rank differently
-        (SAR). Reported separately, tagged ``rerank_tag``. None: no re-ranker."""
-        return None
-
-    def pair_scores(self) -> PairScores | None:
-        """The method's clean-ness signal for every train row, scored against the manifest."""
-        return None
+    def record(self) -> dict[str, Any]:
+        """The capabilities every result records; the report finds its reference rows by ``role``."""
+        caps = self.cls.capabilities
+        return {"trains": caps.trains, "needs_tokens": caps.needs_tokens, "train_rows": self.rows, "role": self.role}
 
 
 class _MethodRegistry(Registry):
-    def register(self, name: str):
+    """Method classes by name. ``register(name, rows="clean")`` adds a data variant: a class
+    trained only on the rows the noise manifest marks clean (the oracle)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.variants: dict[str, Registered] = {}
+
+    def register(self, name: str, *, rows: str = "all", doc: str | None = None):
+        if rows not in TRAIN_ROWS:
+            raise ConfigError(f"method {name!r}: rows={rows!r}; choose one of {', '.join(TRAIN_ROWS)}")
         add = super().register(name)
 
         def decorator(cls: type[Method]) -> type[Method]:
-            cls.name = name
+            self.variants[name] = Registered(cls, rows, doc or (cls.__doc__ or ""))
             return add(cls)
 
         return decorator
 
+    def entry(self, name: str) -> Registered:
+        self.get(name)  # discovers, or raises with a suggestion
+        return self.variants[name]
 
-METHODS: Registry[type[Method]] = _MethodRegistry("method", entry_point_group="rsnc_bench.methods")
+
+METHODS: _MethodRegistry = _MethodRegistry("method", entry_point_group="rsnc_bench.methods")
 
 
 def info_nce(text: torch.Tensor, image: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

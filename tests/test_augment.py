@@ -14,7 +14,8 @@ from torchvision.transforms import RandomResizedCrop
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.data import load_dataset
 from rsnc_bench.engine.batches import Preprocess, split_tensors
-from rsnc_bench.engine.evaluate import encode_split, score_blocks
+from rsnc_bench.engine.evaluate import encode_split
+from rsnc_bench.engine.scoring import EncodedSplit
 from rsnc_bench.methods import METHODS
 
 SCALE, RATIO = (0.9, 1.0), (3 / 4, 4 / 3)
@@ -99,7 +100,7 @@ def test_evaluation_scores_are_fp32_under_an_outer_autocast(synthetic):
     def scores():
         texts, images = encode_split(method, data, device)
         assert texts.embedding.dtype == images.embedding.dtype == torch.float32
-        return torch.cat(list(score_blocks(method, texts, images, chunk=16)))
+        return torch.cat(list(EncodedSplit(method, texts, images, chunk=16).blocks()))
 
     plain = scores()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -199,11 +199,11 @@ def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
     rows = torch.arange(4)
     out = method.training_loss(Batch(torch.randn(4, 3, 32, 32), text, rows, rows))
     out.loss.backward()
-    assert torch.isfinite(out.loss) and out.per_row.shape == (4,)
+    assert torch.isfinite(out.loss) and out.clean.shape == (4,)
     assert all(p.grad is not None for p in (method.backbone.image_parameters()[0], method.backbone.text_parameters()[0]))
     method.eval()
     with torch.no_grad():
-        scores = method.score(method.encode_texts(text), method.encode_images(torch.randn(3, 3, 32, 32)))
+        scores = method.score(method.backbone.encode_text(text, tokens=True), method.backbone.encode_image(torch.randn(3, 3, 32, 32), tokens=True))
     assert scores.shape == (4, 3)
 
 
@@ -218,10 +218,10 @@ def test_pmpguard_runs_on_swin_and_bert(bert_dir):
     rows = torch.arange(4)
     out = method.training_loss(Batch(torch.randn(4, 3, 224, 224), text, rows, rows))
     out.loss.backward()
-    assert torch.isfinite(out.loss) and out.per_row.shape == (4,)
+    assert torch.isfinite(out.loss) and out.clean.shape == (4,)
     assert method.cga.affinity.grad is not None and method.backbone.image_parameters()[0].grad is not None
     method.eval()
     with torch.no_grad():
-        images = method.encode_images(torch.randn(3, 3, 224, 224))
-        scores = method.score(method.encode_texts(text), images)
+        images = method.backbone.encode_image(torch.randn(3, 3, 224, 224), tokens=True)
+        scores = method.score(method.backbone.encode_text(text, tokens=True), images)
     assert images.tokens.shape == (3, 49, 512) and scores.shape == (4, 3) and torch.isfinite(scores).all()

@@ -18,8 +18,8 @@ from rsnc_builtin_methods.ebaker import Ebaker, EbakerConfig, SimilarityBank, an
 from .token_stub import TokenBackbone, token_batch
 
 
-def ctx(epoch: int, n_rows: int = 10) -> EpochContext:
-    return EpochContext(epoch, 10, n_rows, 1, torch.device("cpu"))
+def ctx(epoch: int, n_rows: int = 10, captions=(), tokenizer=None) -> EpochContext:
+    return EpochContext(epoch, 10, n_rows, 1, torch.device("cpu"), captions, tokenizer)
 
 
 def test_threshold_is_the_drop_ratio_quantile_of_real_entries():
@@ -93,14 +93,13 @@ def test_elimination_starts_at_the_drop_epoch_and_is_scored(eba):
     method = Ebaker(TokenBackbone(), EbakerConfig(eba=eba, ker_weight=0, drop_epoch=1, drop_ratio=0.3)).train()
     method.start_epoch(ctx(1))
     out = method.training_loss(token_batch(list(range(10))))
-    assert out.logs["eliminated"] == 0 and not method.pair_scores().flagged_noisy.any()  # 0-based epoch 0 < drop_epoch
-    positive = method.pair_scores().clean_score
+    assert out.logs["eliminated"] == 0 and not out.flagged.any()  # 0-based epoch 0 < drop_epoch
+    positive = out.clean
     method.start_epoch(ctx(2))
-    assert method.thresholds["global"] == pytest.approx(sorted(positive)[3], rel=1e-5)  # floor(0.3 * 10)
-    method.training_loss(token_batch(list(range(10))))
-    scores = method.pair_scores()
-    assert scores.flagged_noisy.sum() == 4 and set(scores.others) == ({"local"} if eba == "split" else set())
-    assert (scores.clean_score[scores.flagged_noisy] <= method.thresholds["global"] + 1e-6).all()
+    assert method.thresholds["global"] == pytest.approx(sorted(positive.tolist())[3], rel=1e-5)  # floor(0.3 * 10)
+    out = method.training_loss(token_batch(list(range(10))))
+    assert out.flagged.sum() == 4 and set(out.others) == ({"local"} if eba == "split" else set())
+    assert (out.clean[out.flagged] <= method.thresholds["global"] + 1e-6).all()
     restored = Ebaker(TokenBackbone(), EbakerConfig(eba=eba, ker_weight=0))
     restored.load_state_dict(method.state_dict())
     assert restored.thresholds == method.thresholds and restored.banks["global"].real == 10  # one epoch of pairs
@@ -163,8 +162,7 @@ def test_training_loss_equals_the_straightforward_computation(method_name):
     method = cls(build_backbone(BackboneConfig("tiny-vit")), cls.config_type()).train()
     captions = ["many planes are parked near the airport terminal", "a red roof beside green trees",
                 "two storage tanks next to a road", "a runway near a large airport with planes"]
-    method.prepare(captions)
-    method.start_epoch(ctx(1, n_rows=4))
+    method.start_epoch(ctx(1, n_rows=4, captions=captions, tokenizer=method.backbone.tokenizer))
     rows = torch.arange(4)
     batch = Batch(torch.randn(4, 3, 48, 48), method.backbone.tokenize(captions), rows, rows)
     assert int((method.ker_labels != 0).sum()) >= 8
@@ -188,10 +186,9 @@ def test_restricted_vocabulary_is_an_option_off_by_default():
     torch.manual_seed(0)
     method = Ebaker(build_backbone(BackboneConfig("tiny-vit")), EbakerConfig(ker_vocab="labels")).train()
     captions = ["planes near the airport", "a red roof near trees"]
-    method.prepare(captions)
+    method.start_epoch(ctx(1, n_rows=2, captions=captions, tokenizer=method.backbone.tokenizer))
     labels = method.ker_labels[method.ker_labels != 0]
     assert method.ker_vocab_ids.tolist() == sorted(set(labels.tolist()))
-    method.start_epoch(ctx(1, n_rows=2))
     rows = torch.arange(2)
     out = method.training_loss(Batch(torch.randn(2, 3, 48, 48), method.backbone.tokenize(captions), rows, rows))
     assert 0 < out.logs["mlm"] < math.log(len(method.ker_vocab_ids)) + 1  # a softmax over a handful of ids, not 49,408
@@ -217,4 +214,4 @@ def test_eliminated_rows_are_mostly_noisy_on_synthetic_at_noise_0_6(tmp_path, me
     assert last["n_flagged"] > 0 and last["flag_precision"] > 0.75 and last["auroc"] > 0.6  # base rate 0.6
     if method == "iebaker":
         assert "mlm" in history[-1]["logs"] and "local" in history[-1]["detection_others"]
-        assert doc["rerank_tag"] == "sar" and doc["test_rerank"]["mr"] > 0
+        assert set(doc["test_variants"]) == {"sar"} and doc["test_variants"]["sar"]["mr"] > 0

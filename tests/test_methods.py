@@ -12,7 +12,8 @@ import torch
 
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups
-from rsnc_bench.methods import METHODS, info_nce
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, LossOutput, Registered, RowSignals, info_nce, pair_scores, record_signals
 from rsnc_bench.store import CellKey, ResultStore
 
 from .conftest import TINY_SYNTHETIC
@@ -36,11 +37,12 @@ def test_info_nce_matches_a_hand_computed_value():
 
 def test_baselines_are_registered_with_their_capabilities():
     assert {"zeroshot", "clip-ft", "oracle"} <= set(METHODS.names())
-    assert not METHODS.get("zeroshot").trains
-    oracle = METHODS.get("oracle")
-    assert oracle.uses_clean_labels and not METHODS.get("clip-ft").uses_clean_labels
+    assert not METHODS.get("zeroshot").capabilities.trains
+    oracle = METHODS.entry("oracle")  # a data variant: clip-ft itself, on the clean rows
+    assert oracle.cls is METHODS.get("clip-ft") and oracle.rows == "clean" and METHODS.entry("clip-ft").rows == "all"
     clean = np.array([True, False, True, False])
-    assert oracle.select_train_rows(None, clean).tolist() == [0, 2]
+    assert TRAIN_ROWS[oracle.rows](clean).tolist() == [0, 2] and TRAIN_ROWS["all"](clean).tolist() == [0, 1, 2, 3]
+    assert "clean" in oracle.doc and oracle.doc != METHODS.entry("clip-ft").doc
     assert METHODS.get("clip-ft").train_defaults["lr"] == 7e-6  # methods.md 3.9
 
 
@@ -59,8 +61,7 @@ def test_weight_decay_only_on_matrices_and_warmup_then_cosine():
 PLUGIN = textwrap.dedent('''
     """A method that lives outside rsnc-bench's own methods/ package."""
     from dataclasses import dataclass
-    from rsnc_bench.methods import METHODS, LossOutput, Method, MethodConfig, PairScores, info_nce
-    import numpy as np
+    from rsnc_bench.methods import METHODS, LossOutput, Method, MethodConfig, info_nce
 
     @dataclass(frozen=True)
     class Config(MethodConfig):
@@ -71,17 +72,10 @@ PLUGIN = textwrap.dedent('''
         """InfoNCE at a lower scale, with its per-row loss as a clean-ness signal."""
         config_type = Config
 
-        def start_epoch(self, ctx):
-            self.losses = np.full(ctx.n_rows, np.nan)
-
         def training_loss(self, batch):
             loss, per_row = info_nce(self.backbone.encode_text(batch.text).embedding,
                                      self.backbone.encode_image(batch.images).embedding, self.config.scale)
-            self.losses[batch.rows.cpu().numpy()] = per_row.detach().cpu().numpy()
-            return LossOutput(loss, per_row)
-
-        def pair_scores(self):
-            return PairScores(-self.losses)
+            return LossOutput(loss, clean=-per_row)
 ''')
 
 
@@ -104,13 +98,32 @@ def test_a_plugin_outside_the_package_is_found_through_its_entry_point(tmp_path,
 
 
 def test_roles_are_declared_by_each_class_and_not_inherited():
-    assert METHODS.get("clip-ft").role() == "baseline" and METHODS.get("oracle").role() == "upper-bound"
-    assert METHODS.get("rrsitr").role() is None and METHODS.get("zeroshot").role() is None
+    role = lambda name: METHODS.entry(name).role  # noqa: E731
+    assert role("clip-ft") == "baseline" and role("oracle") == "upper-bound"
+    assert role("rrsitr") is None and role("zeroshot") is None
 
     class MyVariant(METHODS.get("clip-ft")):  # a subclass is another method, not the baseline
         pass
 
-    assert MyVariant.role() is None
-    caps = METHODS.get("iebaker").capabilities()
-    assert caps["scores_rows"] and caps["reranks"] and caps["trains"] and not caps["uses_clean_labels"]
-    assert not METHODS.get("zeroshot").capabilities()["trains"]
+    assert Registered(MyVariant, "all", "").role is None
+    caps = METHODS.entry("iebaker").record()
+    assert caps == {"trains": True, "needs_tokens": True, "train_rows": "all", "role": None}
+    assert not METHODS.entry("zeroshot").record()["trains"] and METHODS.entry("oracle").record()["train_rows"] == "clean"
+
+
+def test_the_harness_keeps_the_latest_signals_per_row_and_checks_their_shape():
+    signals = RowSignals()
+    record_signals(signals, torch.tensor([0, 2]), LossOutput(torch.tensor(0.0), clean=torch.tensor([0.5, -1.0]),
+                                                             flagged=torch.tensor([False, True]), others={"gate": torch.tensor([1.0, 2.0])}))
+    signals.ensure(4)
+    record_signals(signals, torch.tensor([2, 3]), LossOutput(torch.tensor(0.0), clean=torch.tensor([0.25, 3.0]),
+                                                             flagged=torch.tensor([False, False]), others={"gate": torch.tensor([5.0, 6.0])}))
+    scores = pair_scores(signals)
+    np.testing.assert_array_equal(scores.clean_score, [0.5, np.nan, 0.25, 3.0])  # row 2: the later value
+    assert scores.flagged_noisy.tolist() == [False, False, False, False]
+    np.testing.assert_array_equal(scores.others["gate"], [1.0, np.nan, 5.0, 6.0])
+    assert pair_scores(RowSignals()) is None  # no signal given: no detection
+    with pytest.raises(ConfigError, match="one value per batch row"):
+        record_signals(signals, torch.tensor([0, 1]), LossOutput(torch.tensor(0.0), clean=torch.tensor([1.0])))
+    with pytest.raises(ConfigError, match="give clean too"):
+        record_signals(signals, torch.tensor([0]), LossOutput(torch.tensor(0.0), flagged=torch.tensor([True])))

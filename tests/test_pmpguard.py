@@ -16,6 +16,7 @@ from torch import nn
 import rsnc_builtin_methods.pmpguard as pmp
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.engine.scoring import EncodedSplit
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS
 from rsnc_bench.store import CellKey, ResultStore
@@ -312,12 +313,11 @@ def test_fusion_alpha_mixes_in_the_global_cosine():
 
 def test_top_k_rescores_only_the_first_stage_candidates():
     full_method, top = method().eval(), method(rescore_top_k=2).eval()
-    assert top.score_tag() == "top2" and full_method.score_tag() == ""
+    assert [s.tag for s in top.scorers()] == ["top2"] and [s.tag for s in full_method.scorers()] == [""]
     texts, images = features(9, 5, 8, 5), features(6, 4, 8, 6)
     with torch.no_grad():
         full = full_method.score(texts, images)
-        top.begin_scoring(texts, images)
-        partial = top.score(texts, images)
+        partial = torch.cat(list(top.scorers()[0](EncodedSplit(top, texts, images, chunk=4))))  # texts in 3 chunks
     g = torch.nn.functional.normalize(texts.embedding, dim=-1) @ torch.nn.functional.normalize(images.embedding, dim=-1).T
     by_text = g >= g.topk(2, dim=1).values[:, -1:]
     by_image = g >= g.topk(2, dim=0).values[-1:]
@@ -393,7 +393,8 @@ def train_briefly(steps: int = 4, rows: int = 96, batch: int = 48) -> list[torch
         out.loss.backward()
         optimizer.step()
         record += [out.loss.detach(), torch.tensor(out.logs["boundary"])]
-    return record + [p.detach().clone() for p in m.parameters()] + list(m.signals.state().values())
+        record += [out.clean, out.flagged.double(), *out.others.values()]
+    return record + [p.detach().clone() for p in m.parameters()]
 
 
 def test_training_repeats_exactly_with_two_threads():
@@ -432,20 +433,26 @@ def test_text_ids_are_cut_to_the_longest_caption_for_a_causal_tower():
     assert pmp.trim_text_ids(TokenBackbone(), stub_ids) is stub_ids  # not a causal tower: unchanged
 
 
-def test_pair_scores_logs_and_resume_state():
+def test_clean_signal_logs_and_resume_state():
     m = method(rows=10, boundary_min_samples=2, boundary_window=50)
-    assert m.pair_scores() is None
-    out = m.training_loss(token_batch([1, 3, 5, 7]))
-    assert out.per_row.shape == (4,)
+    before = method(rows=10, boundary_min_samples=2, boundary_window=50)
+    before.load_state_dict(m.state_dict())  # the boundary the step scores with (it moves after)
+    batch = token_batch([1, 3, 5, 7])
+    out = m.training_loss(batch)
     assert {"boundary", "boundary_safe", "word_gate_pos", "word_gate_neg", "region_gate_pos", "flagged", "l_ia", "l_pa"} <= set(out.logs)
-    scores = m.pair_scores()
-    seen = [1, 3, 5, 7]
-    assert np.isnan(scores.clean_score[[0, 2, 4, 6]]).all() and not np.isnan(scores.clean_score[seen]).any()
-    assert set(scores.others) == {"negative_mass", "words_above", "word_gate"}
-    np.testing.assert_array_equal(scores.flagged_noisy[seen], m.signals["below"].numpy()[seen] > 0.5)
+    assert out.clean.shape == out.flagged.shape == (4,) and set(out.others) == {"negative_mass", "words_above", "word_gate"}
+    # methods.md 5.8: S_PN(i, i) and, flagged, more than half the real words below t; others oriented higher = cleaner
+    texts = before.backbone.encode_text(batch.text, tokens=True)
+    images = before.backbone.encode_image(batch.images, tokens=True)
+    with torch.no_grad():
+        own, fused = before.pair(*before.parts(texts, images))
+    torch.testing.assert_close(out.clean, own.score, atol=1e-5, rtol=1e-5)
+    assert out.flagged.tolist() == (own.below > 0.5).tolist()
+    torch.testing.assert_close(out.others["words_above"], 1 - own.below.double())
+    torch.testing.assert_close(out.others["negative_mass"], -own.negative_mass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.others["word_gate"], -fused.word_gate, atol=1e-5, rtol=1e-5)
     restored = method(rows=10)
     restored.load_state_dict(m.state_dict())
-    np.testing.assert_array_equal(restored.pair_scores().clean_score, scores.clean_score)
     assert restored.estimate.value == m.estimate.value and len(restored.estimate.positives) == len(m.estimate.positives)
 
 

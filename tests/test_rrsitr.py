@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +14,9 @@ import rsnc_builtin_methods.clip_pipeline as pipeline
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, EpochContext
+from rsnc_bench.methods import METHODS, EpochContext, RowSignals, record_signals
 from rsnc_bench.store import CellKey, ResultStore
+from rsnc_builtin_methods.clip_pipeline import cosine_matrix
 from rsnc_builtin_methods.rrsitr import (
     AMBIGUOUS,
     CLEAN,
@@ -180,28 +180,31 @@ def test_local_scale_switches_with_the_training_flag():
     assert float(at_eval.max()) <= math.sqrt(5 * 4) + 1e-4  # unscaled Frobenius of cosines <= sqrt(T * P)
 
 
-def test_pair_scores_are_the_last_seen_losses_and_the_flag_is_gamma_noisy():
+def test_the_clean_signal_is_minus_the_pair_loss_and_the_flag_is_gamma_noisy():
     method = Rrsitr(TokenBackbone()).train()
     method.start_epoch(EpochContext(1, 1, 10, 1, torch.device("cpu")))
-    first = method.training_loss(token_batch([0, 1, 2, 3])).per_row
-    scores = method.pair_scores()
-    assert np.allclose(scores.clean_score[:4], -first.numpy()) and np.isnan(scores.clean_score[4:]).all()
-    assert scores.flagged_noisy.tolist() == (first.numpy() >= 18.0).tolist() + [False] * 6
-    second = method.training_loss(token_batch([2, 5, 6, 7])).per_row
-    assert method.pair_scores().clean_score[2] == pytest.approx(-second[0].item())  # overwritten when seen again
-    restored = Rrsitr(TokenBackbone())
-    restored.load_state_dict(method.state_dict())  # checkpoints carry the per-row losses
-    assert np.array_equal(restored.pair_scores().clean_score, method.pair_scores().clean_score, equal_nan=True)
+    batch = token_batch([0, 1, 2, 3])
+    out = method.training_loss(batch)
+    texts, images = method.encode_pair(batch.text, batch.images)
+    losses = pair_losses(cosine_matrix(texts, images), method.local_matrix(texts, images), method.config.logit_scale)
+    assert torch.allclose(out.clean, -losses.detach())
+    assert out.flagged.tolist() == (losses >= 18.0).tolist() and out.others == {}  # methods.md 3.10: l_i >= gamma_noisy
+    restored = Rrsitr(TokenBackbone(), RrsitrConfig(thresholds="quantile"))
+    restored.gammas = (1.0, 2.0)
+    restored.load_state_dict(method.state_dict())  # checkpoints carry the thresholds
+    assert restored.gammas == (method.config.gamma_clean, method.config.gamma_noisy)
 
 
 def test_quantile_thresholds_calibrate_on_epoch_one():
     method = Rrsitr(TokenBackbone(), RrsitrConfig(thresholds="quantile", clean_quantile=0.25, noisy_quantile=0.75)).train()
-    method.start_epoch(EpochContext(1, 2, 10, 2, torch.device("cpu")))
+    signals = RowSignals()  # what the harness keeps
+    method.start_epoch(EpochContext(1, 2, 10, 2, torch.device("cpu"), signals=signals))
     out = method.training_loss(token_batch([0, 1, 2, 3, 4]))
-    assert out.loss.item() == pytest.approx(out.per_row.mean().item()) and method.pair_scores().flagged_noisy.sum() == 0
-    method.training_loss(token_batch([5, 6, 7, 8, 9]))
-    epoch_one = torch.tensor(-method.pair_scores().clean_score)
-    method.start_epoch(EpochContext(2, 2, 10, 2, torch.device("cpu")))
+    assert out.loss.item() == pytest.approx(-out.clean.mean().item()) and out.flagged.sum() == 0  # unweighted, none flagged
+    record_signals(signals, torch.arange(5), out)
+    record_signals(signals, torch.arange(5, 10), method.training_loss(token_batch([5, 6, 7, 8, 9])))
+    epoch_one = -signals["clean"]
+    method.start_epoch(EpochContext(2, 2, 10, 2, torch.device("cpu"), signals=signals))
     assert method.gammas == pytest.approx((torch.quantile(epoch_one, 0.25).item(), torch.quantile(epoch_one, 0.75).item()))
     assert "noisy" in method.training_loss(token_batch([0, 1, 2, 3, 4])).logs
 

@@ -25,11 +25,11 @@ from rsnc_bench.data.images import SplitImages
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
-from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate
+from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import METHODS, Method
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, PairScores
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.paths import removed_on_error
 from rsnc_bench.store import CellKey, ResultStore
@@ -49,14 +49,15 @@ class CellSpec:
 
 
 def method_config(spec: CellSpec):
-    cls = METHODS.get(spec.key.method)
-    return cls, cls.config_type(**parse_assignments(cls.config_type, list(spec.method_options)))
+    """(what the method name stands for, its typed config)."""
+    entry = METHODS.entry(spec.key.method)
+    return entry, entry.cls.config_type(**parse_assignments(entry.cls.config_type, list(spec.method_options)))
 
 
 def train_sources(spec: CellSpec) -> dict[str, dict]:
     """The layers of the training budget, lowest priority first: the method's paper budget, the
     backbone preset's hints, the user's options (the harness defaults sit under all three)."""
-    return {"method_defaults": dict(METHODS.get(spec.key.method).train_defaults),
+    return {"method_defaults": dict(METHODS.entry(spec.key.method).cls.train_defaults),
             "preset_hints": train_hints(spec.backbone.name),
             "user": parse_assignments(TrainConfig, list(spec.train_options))}
 
@@ -186,7 +187,7 @@ def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
 def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, doc: dict) -> Trainer:
     """Fill ``doc``; returns the trainer, whose resume state the caller clears once ``doc`` is written."""
     key = spec.key
-    method_cls, mconfig = method_config(spec)
+    entry, mconfig = method_config(spec)
     tconfig = train_config(spec)
     if device_name:
         tconfig = dataclasses.replace(tconfig, device=device_name)
@@ -195,7 +196,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
     train_split = manifest.apply(data["train"])
     doc["config"] = {
-        "method": {"name": key.method, **asdict(mconfig)}, "capabilities": method_cls.capabilities(),
+        "method": {"name": key.method, **asdict(mconfig)}, "capabilities": entry.record(),
         "train": asdict(tconfig), "train_sources": train_sources(spec),
         "backbone": asdict(spec.backbone),
         "dataset": {"name": key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
@@ -208,29 +209,24 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
 
     torch.manual_seed(key.train_seed)  # random-init towers and heads depend on the training seed only
     np.random.seed(key.train_seed)
-    method: Method = method_cls(build_backbone(spec.backbone), mconfig)
+    method: Method = entry.cls(build_backbone(spec.backbone), mconfig)
     if method.backbone.provenance:
         doc["config"]["backbone_weights"] = method.backbone.provenance
     cache = _image_cache(store, label)
     train = split_tensors(train_split, method.backbone, cache, native=True)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache) for s in (data["val"], data["test"]))
-    rows = np.arange(train.n_rows)
-    if method_cls.uses_clean_labels:
-        keep = method.select_train_rows(manifest.clean)
-        rows = rows if keep is None else rows[np.asarray(keep)]
+    rows = TRAIN_ROWS[entry.rows](manifest.clean)  # a data variant (the oracle) trains on the clean rows only
     doc["noise"]["train_rows_used"] = int(len(rows))
 
-    def record_detection(m: Method, entry: dict) -> None:
-        scores = m.pair_scores()
+    def record_detection(scores: PairScores | None, epoch: dict) -> None:
         if scores is not None:
-            entry["detection"] = detection_metrics(scores.clean_score, manifest.clean, scores.flagged_noisy).as_dict()
+            epoch["detection"] = detection_metrics(scores.clean_score, manifest.clean, scores.flagged_noisy).as_dict()
             if scores.others:
-                entry["detection_others"] = {name: detection_metrics(score, manifest.clean).as_dict() for name, score in scores.others.items()}
+                epoch["detection_others"] = {name: detection_metrics(score, manifest.clean).as_dict() for name, score in scores.others.items()}
 
-    if method.trains:
-        method.prepare(train_split.captions)
     fingerprint = _fingerprint(doc["config"], doc["noise"]["manifest_hash"], key.as_dict())
-    trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection)
+    trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection,
+                      captions=train_split.captions)
     outcome = trainer.fit()
     eval_started = time.perf_counter()
     last = evaluate(method, test, trainer.device, tconfig.eval_chunk)
@@ -243,12 +239,13 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     if scores is not None:  # per-row scores, for ROC curves in the report
         doc["detection_scores"] = store.write_scores(key, scores.clean_score, manifest.clean, scores.flagged_noisy)
     chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
+    (own_tag, own), *variants = selected.items()
     doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
-               test=selected["plain"].as_dict(), test_last=last["plain"].as_dict(), detection=chosen.get("detection"))
-    if method.score_tag():
-        doc["score_tag"] = method.score_tag()
-    if "rerank" in selected:
-        doc.update(test_rerank=selected["rerank"].as_dict(), rerank_tag=method.rerank_tag)
+               test=own.as_dict(), test_last=own_metrics(last).as_dict(), detection=chosen.get("detection"))
+    if own_tag:
+        doc["score_tag"] = own_tag
+    if variants:  # further scorers (a re-ranker): a leaderboard row each, ``<method>+<tag>``
+        doc["test_variants"] = {tag: metrics.as_dict() for tag, metrics in variants}
     doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
                           samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
                           precision=outcome.precision, eval_precision=EVAL_PRECISION)

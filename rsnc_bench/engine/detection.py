@@ -1,7 +1,7 @@
 """How well a method's clean-ness signal finds the injected noisy rows.
 
 Noisy rows are the positives. Given one clean-ness score per train row (higher = cleaner, the
-``pair_scores()`` convention), AUROC and average precision measure the ranking; a method's
+``LossOutput.clean`` convention), AUROC and average precision measure the ranking; a method's
 native binary flag ("this row is noisy") gets precision, recall and F1. Rows a method never
 scored (NaN) are left out and counted.
 """

@@ -12,17 +12,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from rsnc_bench.engine.batches import Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
-from rsnc_bench.engine.evaluate import evaluate
+from rsnc_bench.engine.evaluate import evaluate, own_metrics
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import EpochContext, Method, PairScores
+from rsnc_bench.methods import EpochContext, Method, PairScores, RowSignals, pair_scores, record_signals
 from rsnc_bench.paths import atomic_write
 from rsnc_bench.progress import bar
 
@@ -92,22 +92,13 @@ def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([step[k] for step in logs if k in step])) for k in keys}
 
 
-def _copied(values) -> np.ndarray | None:
-    if values is None:
-        return None
-    return values.detach().cpu().numpy().copy() if torch.is_tensor(values) else np.array(values, copy=True)
-
-
-def _snapshot(scores: PairScores | None) -> PairScores | None:
-    """A copy the method's later epochs cannot change."""
-    if scores is None:
-        return None
-    return PairScores(_copied(scores.clean_score), _copied(scores.flagged_noisy), {name: _copied(a) for name, a in scores.others.items()})
-
-
 def _scores_from_plain(saved: dict | None) -> PairScores | None:
-    """``_snapshot``'s scores back from ``best.pt`` (saved as tensors by ``plain_data``)."""
-    return None if saved is None else _snapshot(PairScores(saved["clean_score"], saved.get("flagged_noisy"), saved.get("others") or {}))
+    """The selected epoch's ``PairScores`` back from ``best.pt`` (saved as tensors by ``plain_data``)."""
+    if saved is None:
+        return None
+    array = lambda t: None if t is None else np.asarray(t.cpu() if torch.is_tensor(t) else t)  # noqa: E731
+    return PairScores(array(saved["clean_score"]), array(saved.get("flagged_noisy")),
+                      {name: array(values) for name, values in (saved.get("others") or {}).items()})
 
 
 class Diverged(RsncError):
@@ -148,14 +139,19 @@ class Trainer:
     weights), written together after an epoch once ``checkpoint_seconds`` have passed since the
     last write; the selected weights are also kept in memory. ``fingerprint`` identifies the cell:
     a ``last.pt`` from another config is ignored.
-    ``on_epoch(entry)`` lets the caller add per-epoch records (detection metrics).
+    The clean-ness signals the losses hand back (``LossOutput.clean`` ...) are kept per train
+    row in ``signals``, saved with the weights, and given to ``on_epoch(scores, entry)``, which
+    lets the caller add per-epoch records (detection metrics). ``captions`` (the train rows') and
+    the backbone's tokenizer reach the method through ``EpochContext``.
     """
 
     def __init__(self, method: Method, config: TrainConfig, train: SplitTensors, rows: np.ndarray, val: SplitTensors,
-                 seed: int, ckpt_dir: Path, fingerprint: str, on_epoch: Callable[[Method, dict], None] | None = None):
+                 seed: int, ckpt_dir: Path, fingerprint: str, on_epoch: Callable[[PairScores | None, dict], None] | None = None,
+                 captions: Sequence[str] = ()):
         self.method, self.config, self.train, self.rows, self.val = method, config, train, rows, val
-        self.seed, self.ckpt_dir, self.fingerprint = seed, Path(ckpt_dir), fingerprint
-        self.on_epoch = on_epoch or (lambda method, entry: None)
+        self.seed, self.ckpt_dir, self.fingerprint, self.captions = seed, Path(ckpt_dir), fingerprint, captions
+        self.on_epoch = on_epoch or (lambda scores, entry: None)
+        self.signals = RowSignals()
         self.device = resolve_device(config.device)
         self.autocast, self.precision = autocast_for(self.device, config.precision)
         self.method.to(self.device)
@@ -165,7 +161,7 @@ class Trainer:
     # --- public -------------------------------------------------------------------------
     def fit(self) -> TrainOutcome:
         cfg = self.config
-        if not self.method.trains or cfg.epochs == 0:
+        if not self.method.capabilities.trains or cfg.epochs == 0:
             return self._evaluate_only()
         steps = steps_per_epoch(len(self.rows), cfg.batch_size)
         if steps == 0:
@@ -183,7 +179,9 @@ class Trainer:
         epochs = bar(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, initial=state["epoch"], total=cfg.epochs)
         for epoch in epochs:
             self.method.train()
-            self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device))
+            self.signals.ensure(self.train.n_rows)
+            self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
+                                                 getattr(self.method.backbone, "tokenizer", None), self.signals))
             started, losses, logs = time.perf_counter(), [], []
             batches = train_batches(self.train, self.rows, cfg.batch_size, order_gen)
             for rows, image_ids in bar(batches, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
@@ -199,27 +197,29 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                record_signals(self.signals, batch.rows, out)
                 losses.append(out.loss.item())
                 logs.append(out.logs)
                 state["step"] += 1
             seconds = time.perf_counter() - started
             state["train_seconds"] += seconds
             state["samples"] += steps * cfg.batch_size
-            val = evaluate(self.method, self.val, self.device, cfg.eval_chunk)["plain"]
+            val = self._validate()
+            scores = pair_scores(self.signals)
             entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict(), "logs": _mean_logs(logs)}
-            self.on_epoch(self.method, entry)
+            self.on_epoch(scores, entry)
             state["history"].append(entry)
             if val.mr > state["best_mr"]:
                 state["best_mr"], state["best_epoch"] = val.mr, epoch
                 self._best, best_unsaved = copy.deepcopy(self.method.state_dict()), True
-                self._best_scores = _snapshot(self.method.pair_scores())
+                self._best_scores = scores
             state["epoch"] = epoch
             epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
             if epoch < cfg.epochs and time.perf_counter() - saved_at >= cfg.checkpoint_seconds:
                 if best_unsaved:  # before last.pt: a resumed run must find the best its state names
                     self._save_best(state["best_epoch"])
                 self._save("last.pt", {
-                    "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(),
+                    "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(), "signals": self.signals.state(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "order_gen": order_gen.get_state(), "augment_gen": augment_gen.get_state(),
                 })
@@ -242,10 +242,9 @@ class Trainer:
             self._best_scores = _scores_from_plain(saved.get("scores"))
 
     def selected_scores(self) -> PairScores | None:
-        """The per-row clean-ness scores of the selected epoch (after ``fit``, and ``load_selected``
-        when that epoch came before an interruption), as the method gave them at the end of that
-        epoch: kept by the harness, so a method that keeps them as a plain attribute (not in its
-        state) cannot report the last epoch's scores beside the selected epoch's detection metrics."""
+        """The per-row clean-ness scores at the end of the selected epoch (after ``fit``, and
+        ``load_selected`` when that epoch came before an interruption), beside whose detection
+        metrics they are reported."""
         return self._best_scores
 
     def clear_resume_state(self) -> None:
@@ -256,11 +255,14 @@ class Trainer:
                 self.ckpt_dir.rmdir()
 
     # --- internals ----------------------------------------------------------------------
+    def _validate(self):
+        """Clean-val metrics of the method's own scorer (what selects the epoch)."""
+        return own_metrics(evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.method.scorers()[:1]))
+
     def _evaluate_only(self) -> TrainOutcome:
-        val = evaluate(self.method, self.val, self.device, self.config.eval_chunk)["plain"]
+        val = self._validate()
         entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
-        self.on_epoch(self.method, entry)
-        self._best_scores = _snapshot(self.method.pair_scores())
+        self.on_epoch(None, entry)
         return TrainOutcome([entry], 0, 0.0, 0, self.precision)
 
     def _save_best(self, epoch: int) -> None:
@@ -291,6 +293,7 @@ class Trainer:
         if saved is None:
             return state
         self.method.load_state_dict(saved["model"])
+        self.signals.load(saved.get("signals") or {})
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         order_gen.set_state(saved["order_gen"])
