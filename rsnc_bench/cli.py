@@ -235,7 +235,7 @@ def run(config: Optional[Path] = None, **values) -> None:
     from tqdm.auto import tqdm
 
     from rsnc_bench.grid import run_grid
-    from rsnc_bench.leaderboard import summary_line
+    from rsnc_bench.results import summary_line
 
     grid = load_grid(config, {name: value for name, value in values.items() if value not in (None, [], ())})  # given ones only
     docs, skipped, elsewhere = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
@@ -309,10 +309,10 @@ def report(
                                    "'baseline' = the plain fine-tune (clip-ft, by its recorded role), 'best' = the best by the metric, or a name."),
     split: str = typer.Option("test", "--split", help="Metrics of this split: test, val or test_last."),
 ):
-    """Rebuild the leaderboard and the report (tables, plots, report.html) from every result in the folder.
+    """Rebuild the report (tables, plots, report.html) from every result in the folder.
 
-    Writes <out>/leaderboard.md and .csv (every result), and into <out>/report: tables.md,
-    tables.tex (booktabs), results.csv (tidy), runs.csv, plots/*.png|pdf and report.html.
+    Writes into <out>/report: tables.md (the leaderboard and every other table), tables.tex
+    (booktabs), results.csv (tidy), runs.csv, plots/*.png|pdf and report.html.
 
     Examples:
       rsnc-bench report --out runs
@@ -323,7 +323,6 @@ def report(
 
     if not out.is_dir():
         raise RsncError(f"result folder {out} not found; run `rsnc-bench run --out {out}` first")
-    writable_folder(out, "--out")  # the leaderboard is written there
     writable_folder(report_dir or out / "report", "--report-dir")
     options = ReportOptions(methods=_patterns(methods), datasets=_patterns(datasets), backbones=_patterns(backbones),
                             metric=metric, rate=rate, references=references, use_references=not no_references,
@@ -336,19 +335,20 @@ def _patterns(text: Optional[str]) -> tuple[str, ...]:
 
 
 def _write_report(out: Path, options=None) -> None:
-    """The one report path of `run` and `report`: the leaderboard at the store root, then the report folder."""
-    from rsnc_bench.leaderboard import write_leaderboard
+    """The one report path of `run` and `report`: the report folder, whose all-metrics tables (the
+    leaderboard) are printed."""
     from rsnc_bench.report import write_report
+    from rsnc_bench.report.tables import to_markdown
     from rsnc_bench.store import ResultStore
 
     store = ResultStore(out)
     docs = list(store.iter_results())
     for problem in store.problems:
         typer.echo(f"warning: {problem}", err=True)
-    made = write_report(out, options, docs, store.problems)  # first: a bad filter stops before anything is written
-    md_path, csv_path = write_leaderboard(out, docs)
-    typer.echo(md_path.read_text())
-    typer.echo(f"leaderboard: {md_path} and {csv_path} ({len(docs)} results)")
+    made = write_report(out, options, docs, store.problems)
+    leaderboard = [to_markdown(table) for table in made.tables if table.section == "detailed"]
+    typer.echo("\n".join(leaderboard) if leaderboard else "No complete results yet.\n")
+    typer.echo(f"leaderboard: {made.files['markdown']}, {made.files['csv']} ({len(docs)} results)")
     for plot in made.plots:
         if plot.skipped:
             typer.echo(f"plot {plot.name} not drawn: {plot.skipped}")

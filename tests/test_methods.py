@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,29 +58,16 @@ def test_weight_decay_only_on_matrices_and_warmup_then_cosine():
     assert cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
 
 
-PLUGIN = textwrap.dedent('''
-    """A method that lives outside rsnc-bench's own methods/ package."""
-    from dataclasses import dataclass
-    from rsnc_bench.methods import METHODS, LossOutput, Method, MethodConfig, info_nce
-
-    @dataclass(frozen=True)
-    class Config(MethodConfig):
-        scale: float = 10.0
-
-    @METHODS.register("outside-plugin")
-    class OutsidePlugin(Method):
-        """InfoNCE at a lower scale, with its per-row loss as a clean-ness signal."""
-        config_type = Config
-
-        def training_loss(self, batch):
-            loss, per_row = info_nce(self.backbone.encode_text(batch.text).embedding,
-                                     self.backbone.encode_image(batch.images).embedding, self.config.scale)
-            return LossOutput(loss, clean=-per_row)
-''')
+def documented_plugin() -> str:
+    """The complete plugin of docs/plugins.md, so that the guide's example is what is tested."""
+    guide = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text(encoding="utf-8")
+    return guide.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_plugin_outside_the_package_is_found_through_its_entry_point(tmp_path, monkeypatch, synthetic_root):
-    (tmp_path / "outside_plugin.py").write_text(PLUGIN)
+    code = documented_plugin()
+    assert len(code.strip().splitlines()) <= 32  # the guide's promise: a complete method in about 25 lines
+    (tmp_path / "outside_plugin.py").write_text(code)
     dist = tmp_path / "outside_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-plugin\nVersion: 0.1\n")
@@ -88,12 +75,12 @@ def test_a_plugin_outside_the_package_is_found_through_its_entry_point(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(METHODS, "_discovered", False)  # discover again, as a fresh process would
     monkeypatch.delitem(sys.modules, "outside_plugin", raising=False)
-    assert "outside-plugin" in METHODS.names()
-    key = CellKey("outside-plugin", "synthetic", "tiny-vit", "shuffle", 0.4, 0, 1)
+    assert "hinge" in METHODS.names()
+    key = CellKey("hinge", "synthetic", "tiny-vit", "shuffle", 0.4, 0, 1)
     doc = run_cell(CellSpec(key, data_root=str(synthetic_root), dataset_options=TINY_OPTS, train_options=FAST,
-                            method_options=("scale=5",)), ResultStore(tmp_path / "runs"))
+                            method_options=("margin=0.1",)), ResultStore(tmp_path / "runs"))
     assert doc["status"] == "complete", doc["error"]
-    assert doc["config"]["method"]["scale"] == 5.0
+    assert doc["config"]["method"]["margin"] == 0.1 and doc["config"]["capabilities"]["role"] is None
     assert doc["detection"]["n_noisy"] > 0 and 0 <= doc["detection"]["auroc"] <= 1
 
 

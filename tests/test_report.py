@@ -75,7 +75,7 @@ def cells_of(markdown: str, first: str) -> list[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
 
 
-def test_leaderboard_means_stds_counts_and_marks(store):
+def test_results_means_stds_counts_and_marks(store):
     data = load(store, ReportOptions())
     [table] = leaderboard_tables(data)
     assert table.header == ["method", "0%", "0% reported", "40%", "40% reported"]
@@ -273,7 +273,7 @@ def test_cli_report_options_and_errors(store, tmp_path):
     result = run("report", "--out", store, "--report-dir", out, "--methods", "rrsitr,clip-ft", "--metric", "rsum",
                  "--rate", "0.4", "--compare-to", "best")
     assert result.exit_code == 0, result.output
-    assert f"report: {out / 'report.html'}" in result.output and (store / "leaderboard.md").is_file()
+    assert f"report: {out / 'report.html'}" in result.output and f"leaderboard: {out / 'tables.md'}" in result.output
     md = (out / "tables.md").read_text()
     assert "rSum by noise rate" in md and "twin" not in md.split("## Missing")[0]
     assert_user_error(run("report", "--out", store, "--methods", "rrsitrr"), "--methods 'rrsitrr' matches no result",

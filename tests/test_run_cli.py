@@ -27,13 +27,14 @@ def test_run_then_report_writes_one_json_per_cell_and_a_leaderboard(tmp_path, sy
         "synthetic/tiny-vit/zeroshot/rrsitr-r0-n42-s3.json", "synthetic/tiny-vit/zeroshot/rrsitr-r0.4-n42-s3.json",
     ]
     assert "4 cells run (0 failed), 0 already complete" in result.output
-    assert "| clip-ft " in (out / "leaderboard.md").read_text()
+    assert "| clip-ft " in result.output and "| clip-ft " in (out / "report" / "tables.md").read_text()  # printed, and a report section
+    assert not (out / "leaderboard.md").exists()  # one layout: the report's
     again = run("run", "--backbone", "tiny-vit", "--methods", "zeroshot,clip-ft", "--noise", "0,0.4", "--seeds", "3", "--data-root", synthetic_root,
                 *TINY, "-t", "epochs=1", "-t", "batch_size=16", "--out", out)
     assert "0 cells run (0 failed), 4 already complete" in again.output
-    (out / "leaderboard.md").unlink()
+    (out / "report" / "tables.md").unlink()
     report = run("report", "--out", out)
-    assert report.exit_code == 0 and (out / "leaderboard.md").exists() and "zeroshot" in report.output
+    assert report.exit_code == 0 and (out / "report" / "tables.md").exists() and "| zeroshot " in report.output
     assert (out / "report" / "report.html").is_file() and "report: " in report.output
 
 

@@ -8,10 +8,10 @@ import torch
 
 from rsnc_bench.engine.retrieval import Reranked, grouped_recall, grouped_recall_reranked
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.leaderboard import leaderboard, to_markdown
+from rsnc_bench.results import aggregate, runs
 from rsnc_builtin_methods.sar import sar_rerank
 
-from .test_leaderboard import doc, row
+from .test_results import doc, row
 from .test_retrieval import values
 
 
@@ -130,7 +130,11 @@ def rerank_doc(mr: float, rerank_mr: float, tag: str | None = "sar", **key) -> d
     return d
 
 
-def test_leaderboard_rerank_row():
+def leaderboard(results, split: str = "test"):
+    return aggregate(runs(results, split))
+
+
+def test_results_rerank_row():
     docs = [rerank_doc(40.0, 45.0, method="iebaker", noise_seed=0), rerank_doc(42.0, 47.0, method="iebaker", noise_seed=1),
             rerank_doc(30.0, 31.0, tag=None, method="other"), doc(50.0, method="ncr")]
     df = leaderboard(docs)
@@ -138,7 +142,11 @@ def test_leaderboard_rerank_row():
     sar = row(df, method="iebaker+sar")
     assert sar.mr_mean == pytest.approx(46.0) and sar.n == 2 and sar.failed == 0
     assert row(df, method="other+rerank").mr_mean == pytest.approx(31.0)
-    assert len(df) == 5 and "| iebaker+sar" in to_markdown(df)
+    assert len(df) == 5
+    current = doc(40.0, method="iebaker")  # results since test_variants: a row per further scorer
+    current["test_variants"] = {"sar": {**current["test"], "mr": 44.0}, "other": {**current["test"], "mr": 41.0}}
+    assert sorted(leaderboard([current]).method) == ["iebaker", "iebaker+other", "iebaker+sar"]
+    assert row(leaderboard([current]), method="iebaker+sar").mr_mean == 44.0
     for d in docs:
         d["val"] = dict(d["test"])
     assert sorted(leaderboard(docs, split="val").method) == ["iebaker", "ncr", "other"]  # re-rank rows: test split only

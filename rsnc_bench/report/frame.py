@@ -14,9 +14,9 @@ import pandas as pd
 
 from rsnc_bench.data.split import describe_val
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.leaderboard import GROUP, METRICS, SEEDS, latest, runs
 from rsnc_bench.report.options import ReportOptions
 from rsnc_bench.report.references import Reference, load_references
+from rsnc_bench.results import GROUP, METRICS, SEEDS, latest, runs
 from rsnc_bench.store import GRID_NAME, CellKey, ResultStore
 
 TABLE_GROUP = GROUP[:3]  # one table / panel per (dataset, backbone, noise protocol)

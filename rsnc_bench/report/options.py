@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.leaderboard import METRICS, RECALL_HEADERS
+from rsnc_bench.results import METRICS, RECALL_HEADERS
 
 METRIC_NAMES = {"mr": "mR", "rsum": "rSum", **RECALL_HEADERS}  # every metric is higher-is-better
 

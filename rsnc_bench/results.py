@@ -1,4 +1,4 @@
-"""Leaderboard tables from result documents: mean and std over seeds per configuration.
+"""The results model: result documents as one tidy frame of runs, and its aggregation over seeds.
 
 A configuration is (dataset, backbone, noise_protocol, noise_rate, method); its runs are the
 complete cells with distinct (noise_seed, train_seed). Cells that failed or diverged are
@@ -9,20 +9,18 @@ and ``rerank_tag`` in results written before) get a row of their own, method ``<
 next to the plain one.
 
 ``runs`` is the tidy per-run frame and ``aggregate`` its mean / std per configuration; the
-report (``rsnc_bench.report``) builds its tables and plots on both.
+report (``rsnc_bench.report``), the one place tables are rendered, builds its tables and plots on
+both (``pipe_table`` is its Markdown renderer).
 """
 
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-from rsnc_bench.paths import atomic_write_text
-from rsnc_bench.store import CellKey, ResultFormatError, format_rate, validate
+from rsnc_bench.store import CellKey, ResultFormatError, validate
 
 GROUP = ["dataset", "backbone", "noise_protocol", "noise_rate", "method"]
 SEEDS = ["noise_seed", "train_seed"]
@@ -30,11 +28,8 @@ RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 METRICS = ["mr", *RECALLS, "rsum"]  # rSum = sum of the six recalls = 6 * mR (protocol.md 5.1)
 DETECTION = ["auroc", "ap", "flag_precision", "flag_recall", "flag_f1"]
 RECALL_HEADERS = {k: f"{k[:3]} R@{k[5:]}" for k in RECALLS}
-COLUMNS = [*GROUP, "n", "failed",
-           *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "auroc_mean"]
 RUN_COLUMNS = [*GROUP, *SEEDS, "base_method", "variant", "role", "status", "error", *METRICS, *DETECTION,
                "realized_rate", "selected_epoch", "pretrained", "scores", "finished_at"]
-MD_NAME, CSV_NAME = "leaderboard.md", "leaderboard.csv"
 
 
 def latest(docs: Iterable[dict[str, Any]]) -> dict[CellKey, dict[str, Any]]:
@@ -160,32 +155,9 @@ def aggregate(table: pd.DataFrame, by: list[str] | None = None, metrics: Iterabl
     return df
 
 
-def leaderboard(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
-    """Mean/std of mR, the six recalls and rSum of ``split`` ("test", "val" or "test_last") per configuration.
-
-    std uses ddof=1 and is NaN for a single run. A complete cell without metrics for ``split``
-    is left out. ``auroc_mean`` averages the runs that report a detection AUROC (NaN if none).
-    Each further test scorer (``test_variants``) adds a ``<method>+<tag>`` row.
-    A cell found twice (same key) counts once. Sorted by dataset, backbone, protocol, rate, then mR (best first).
-    """
-    df = aggregate(runs(results, split)).reindex(columns=COLUMNS)
-    if not df.empty:
-        df = df.sort_values([*GROUP[:4], "mr_mean"], ascending=[True] * 4 + [False], na_position="last",
-                            kind="stable").reset_index(drop=True)
-    df.attrs["split"] = split
-    return df
-
-
-def _fmt(value: Any, std: Any = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    text = f"{value:.2f}"
-    return text if std is None or math.isnan(std) else f"{text} ± {std:.2f}"
-
-
 def pipe_table(cells: list[list[str]], right: set[int]) -> list[str]:
     """The lines of a Markdown pipe table (``cells[0]`` the header, ``|`` already escaped), columns
-    padded to one width; those in ``right`` right-aligned. The one renderer of leaderboard and report."""
+    padded to one width; those in ``right`` right-aligned."""
     widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(cells[0]))]
 
     def line(row: list[str]) -> str:
@@ -195,46 +167,8 @@ def pipe_table(cells: list[list[str]], right: set[int]) -> list[str]:
     return [line(cells[0]), rule, *(line(r) for r in cells[1:])]
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """One table per (dataset, backbone, protocol): rows method x noise rate, mR as mean ± std."""
-    split = df.attrs.get("split", "test")
-    out = [f"# Leaderboard ({split} split)", ""]
-    if df.empty or df["n"].sum() == 0:
-        out += ["No complete results yet.", ""]
-    if df.empty:
-        return "\n".join(out)
-    out += ["mR = mean of the six recalls (%), mean ± std (ddof=1) over the n runs (noise seed x train seed); "
-            "i2t = image query -> text gallery, t2i = text query -> image gallery.", ""]
-    for (dataset, backbone, protocol), part in df.groupby(GROUP[:3], sort=False):
-        show_auroc = bool(part["auroc_mean"].notna().any())
-        show_failed = bool((part["failed"] > 0).any())
-        header = ["method", "noise", "mR", *RECALL_HEADERS.values(), "n"]
-        header += ["failed"] * show_failed + ["AUROC"] * show_auroc
-        rows = []
-        for r in part.itertuples(index=False):
-            row = [str(r.method), format_rate(r.noise_rate), _fmt(r.mr_mean, r.mr_std if r.n >= 2 else None),
-                   *[_fmt(getattr(r, f"{k}_mean")) for k in RECALLS], str(r.n)]
-            row += [str(r.failed)] * show_failed + [_fmt(r.auroc_mean)] * show_auroc
-            rows.append(row)
-        out += [f"## {dataset} / {backbone} / {protocol} noise", ""]
-        cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
-        out += pipe_table(cells, right=set(range(2, len(header)))) + [""]
-    return "\n".join(out)
-
-
-def to_csv(df: pd.DataFrame) -> str:
-    """Flat CSV: group columns, n, failed, mean and std of every metric (empty = not defined)."""
-    buf = io.StringIO()
-    df.reindex(columns=COLUMNS).to_csv(buf, index=False, lineterminator="\n")
-    return buf.getvalue()
-
-
-def write_leaderboard(store_root: str | Path, results: Iterable[dict[str, Any]],
-                      split: str = "test") -> tuple[Path, Path]:
-    """Write ``leaderboard.md`` and ``leaderboard.csv`` atomically into the store root."""
-    root = Path(store_root)
-    df = leaderboard(results, split)
-    return atomic_write_text(root / MD_NAME, to_markdown(df)), atomic_write_text(root / CSV_NAME, to_csv(df))
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def summary_line(doc: dict[str, Any]) -> str:
