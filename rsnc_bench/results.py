@@ -4,9 +4,9 @@ A configuration is (dataset, backbone, noise_protocol, noise_rate, method); its 
 complete cells with distinct (noise_seed, train_seed). Cells that failed or diverged are
 counted in ``failed`` so a table shows what is missing.
 
-A method's further test scorers (``test_variants``: a re-ranker such as "sar"; ``test_rerank``
-and ``rerank_tag`` in results written before) get a row of their own, method ``<method>+<tag>``,
-next to the plain one.
+A method's further test scorers (``test_variants``: a re-ranker such as "sar") get a row of
+their own, method ``<method>+<tag>``, next to the plain one. Documents are read through
+``ResultRecord.load``, the one loader (older schemas upgraded there).
 
 ``runs`` is the tidy per-run frame and ``aggregate`` its mean / std per configuration; the
 report (``rsnc_bench.report``), the one place tables are rendered, builds its tables and plots on
@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from rsnc_bench.store import CellKey, ResultFormatError, validate
+from rsnc_bench.cell_key import CellKey
+from rsnc_bench.record import ResultFormatError, ResultRecord
 
 GROUP = ["dataset", "backbone", "noise_protocol", "noise_rate", "method"]
 SEEDS = ["noise_seed", "train_seed"]
@@ -32,18 +33,18 @@ RUN_COLUMNS = [*GROUP, *SEEDS, "base_method", "variant", "role", "status", "erro
                "realized_rate", "selected_epoch", "pretrained", "scores", "finished_at"]
 
 
-def latest(docs: Iterable[dict[str, Any]]) -> dict[CellKey, dict[str, Any]]:
-    """One document per cell: complete beats not complete, then the later ``finished_at``."""
-    best: dict[CellKey, dict[str, Any]] = {}
+def latest(docs: Iterable[dict[str, Any] | ResultRecord]) -> dict[CellKey, ResultRecord]:
+    """One record per cell (documents through ``ResultRecord.load``; those it cannot load are left
+    out): complete beats not complete, then the later ``finished_at``."""
+    best: dict[CellKey, ResultRecord] = {}
     for doc in docs:
         try:
-            key = validate(doc)
+            record = doc if isinstance(doc, ResultRecord) else ResultRecord.load(doc)
         except ResultFormatError:
             continue
-        rank = (doc["status"] == "complete", str(doc.get("finished_at") or ""))
-        old = best.get(key)
-        if old is None or rank >= (old["status"] == "complete", str(old.get("finished_at") or "")):
-            best[key] = doc
+        old = best.get(record.key)
+        if old is None or (record.complete, record.finished_at or "") >= (old.complete, old.finished_at or ""):
+            best[record.key] = record
     return best
 
 
@@ -51,42 +52,24 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _variants(doc: dict[str, Any]) -> dict[str, Any]:
-    """The further scorers' test metrics by tag (results before ``test_variants``: ``test_rerank``)."""
-    if isinstance(doc.get("test_variants"), dict):
-        return doc["test_variants"]
-    if isinstance(doc.get("test_rerank"), dict):
-        tag = doc.get("rerank_tag")
-        return {tag if isinstance(tag, str) and tag else "rerank": doc["test_rerank"]}
-    return {}
-
-
-def _rows(doc: dict[str, Any], method: str, split: str) -> list[tuple[str, str, Any]]:
-    """(method name, variant, metrics) per row a complete document contributes: the plain one
+def _rows(record: ResultRecord, split: str) -> list[tuple[str, str, Any]]:
+    """(method name, variant, metrics) per row a complete record contributes: the plain one
     (named ``<method>@<score_tag>`` when its scorer was tagged), plus ``<method>+<tag>`` (variant
     "rerank") per further scorer on the test split."""
-    score_tag = doc.get("score_tag")
-    if isinstance(score_tag, str) and score_tag:
-        method = f"{method}@{score_tag}"
-    rows = [(method, "plain", doc.get(split))]
+    method = f"{record.key.method}@{record.score_tag}" if record.score_tag else record.key.method
+    rows = [(method, "plain", record.metrics(split))]
     if split == "test":
-        rows += [(f"{method}+{tag}", "rerank", metrics) for tag, metrics in _variants(doc).items()]
+        rows += [(f"{method}+{tag}", "rerank", metrics) for tag, metrics in record.test_variants.items()]
     return rows
 
 
-def _role(doc: dict[str, Any], method: str) -> str | None:
-    """The role the result records; for results written before roles were recorded, the
-    registered method's."""
-    capabilities = _mapping(_mapping(doc.get("config")).get("capabilities"))
-    if "role" in capabilities:
-        return capabilities["role"]
+def _role(record: ResultRecord) -> str | None:
+    """The role the record declares; for records written before roles were, the registered method's."""
+    if "role" in (record.config.get("capabilities") or {}):
+        return record.role
     from rsnc_bench.methods import METHODS  # only for older results: the registry imports torch
 
-    return METHODS.entry(method).role if method in METHODS else None
+    return METHODS.entry(record.key.method).role if record.key.method in METHODS else None
 
 
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -96,29 +79,28 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def runs(results: Iterable[dict[str, Any]], split: str = "test") -> pd.DataFrame:
+def runs(results: Iterable[dict[str, Any] | ResultRecord], split: str = "test") -> pd.DataFrame:
     """One row per run (columns ``RUN_COLUMNS``): every complete cell's metrics of ``split``, a
-    ``<method>+<tag>`` row for its test re-rank, and one metric-less row per failed or diverged
+    ``<method>+<tag>`` row per further test scorer, and one metric-less row per failed or diverged
     cell (its ``status`` and ``error``). A complete cell without metrics for ``split`` is left out;
     a cell found twice (same key) counts once (see ``latest``). Detection columns are the selected
     epoch's (NaN without a clean-ness signal); ``scores`` is the relative path of the per-row
     detection scores, if saved."""
     rows = []
-    for key, doc in latest(results).items():
-        base = {**{name: getattr(key, name) for name in GROUP}, "noise_seed": key.noise_seed,
-                "train_seed": key.train_seed, "base_method": key.method, "finished_at": doc.get("finished_at")}
-        backbone = _mapping(_mapping(doc.get("config")).get("backbone"))
-        base["pretrained"] = backbone.get("pretrained")
-        if doc["status"] != "complete":
-            rows.append({**base, "variant": "plain", "status": doc["status"], "error": doc.get("error")})
+    for key, record in latest(results).items():
+        base = {**{name: getattr(key, name) for name in GROUP}, "noise_seed": key.noise_seed, "train_seed": key.train_seed,
+                "base_method": key.method, "finished_at": record.finished_at,
+                "pretrained": (record.config.get("backbone") or {}).get("pretrained")}
+        if not record.complete:
+            rows.append({**base, "variant": "plain", "status": record.status, "error": record.error})
             continue
-        detection, noise = _mapping(doc.get("detection")), _mapping(doc.get("noise"))
+        detection = record.detection or {}
         extra = {**{m: _number(detection.get(m)) for m in DETECTION}, "status": "complete", "error": None,
-                 "realized_rate": _number(noise.get("realized_rate")), "selected_epoch": doc.get("selected_epoch"),
-                 "scores": doc.get("detection_scores") if isinstance(doc.get("detection_scores"), str) else None}
-        role = _role(doc, key.method)
-        for method, variant, metrics in _rows(doc, key.method, split):
-            if isinstance(metrics, dict):
+                 "realized_rate": _number(record.noise.get("realized_rate")), "selected_epoch": record.selected_epoch,
+                 "scores": record.detection_scores}
+        role = _role(record)
+        for method, variant, metrics in _rows(record, split):
+            if metrics is not None:
                 rows.append({**base, **extra, "method": method, "variant": variant, "role": role if variant == "plain" else None,
                              **_metrics(metrics)})
     df = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
@@ -173,17 +155,14 @@ def _fmt(value: float) -> str:
 
 def summary_line(doc: dict[str, Any]) -> str:
     """One line for a finished cell: test mR, the selected val mR and epoch, train seconds; or the error."""
-    key = CellKey.from_dict(doc["key"])
-    status = doc.get("status")
-    if status != "complete":
-        return f"{key.label()}: {status}: {doc.get('error') or 'no error message'}"
-    parts = []
-    test, val = doc.get("test") or {}, doc.get("val") or {}
-    parts.append(f"test mR {_fmt(_number(test.get('mr')))}")
-    if val:
-        at = f" @ epoch {doc['selected_epoch']}" if doc.get("selected_epoch") is not None else ""
-        parts[-1] += f" (val {_fmt(_number(val.get('mr')))}{at})"
-    seconds = _number((doc.get("timings") or {}).get("train_seconds"))
+    record = ResultRecord.load(doc)
+    if not record.complete:
+        return f"{record.key.label()}: {record.status}: {record.error or 'no error message'}"
+    parts = [f"test mR {_fmt(_number((record.test or {}).get('mr')))}"]
+    if record.val:
+        at = f" @ epoch {record.selected_epoch}" if record.selected_epoch is not None else ""
+        parts[-1] += f" (val {_fmt(_number(record.val.get('mr')))}{at})"
+    seconds = _number(record.timings.get("train_seconds"))
     if not math.isnan(seconds):
         parts.append(f"{seconds:.1f} s")
-    return f"{key.label()}: " + ", ".join(parts)
+    return f"{record.key.label()}: " + ", ".join(parts)

@@ -4,13 +4,8 @@ A cell is keyed by (method, dataset, backbone, noise_protocol, noise_rate, noise
 train_seed) and lives at ``<root>/<dataset>/<backbone>/<method>/<protocol>-r<rate>-n<ns>-s<ts>.json``
 (names sanitised for paths). Its checkpoints go in the sibling folder ``<same path>.ckpt/``.
 
-Document (schema 1), built by the trainer; the store checks only ``schema``, ``key`` and
-``status``::
-
-    {"schema": 1, "key": {...}, "status": "complete" | "failed" | "diverged", "error": str | None,
-     "config": {...}, "history": [...], "selected_epoch": int | None, "selected_by": "val_mr",
-     "val": {...} | None, "test": {...} | None, "test_last": {...} | None, "detection": {...} | None,
-     "timings": {...}, "environment": {...}, "noise": {...}, "finished_at": "ISO time"}
+The document is a :class:`rsnc_bench.record.ResultRecord` as a dict; the store checks only its
+``schema``, ``key`` and ``status`` (``record.validate``), readers load it with ``ResultRecord.load``.
 
 Only "complete" cells are done: a failed or diverged cell is retried by a rerun. A file that
 cannot be read is never deleted; it counts as not complete and the next write replaces it.
@@ -18,99 +13,23 @@ cannot be read is never deleted; it counts as not complete and the next write re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from rsnc_bench.errors import ConfigError, RsncError
+from rsnc_bench.cell_key import CellKey
+from rsnc_bench.errors import ConfigError
 from rsnc_bench.paths import atomic_write, atomic_write_text
+from rsnc_bench.record import ResultFormatError, validate
 
-SCHEMA = 1
-STATUSES = ("complete", "failed", "diverged")
 CKPT_SUFFIX = ".ckpt"
 SCORES_SUFFIX = ".scores.npz"
 LOCK_SUFFIX = ".lock"
 GRID_NAME = "grid.json"  # the last grid run into the folder: its config and cell keys
 LEADERBOARD_NAMES = frozenset({"leaderboard.md", "leaderboard.csv", "leaderboard.json", GRID_NAME})
-
-
-class ResultFormatError(RsncError, ValueError):
-    """A result file or document that is not a valid result document."""
-
-
-def slug(name: str, max_len: int = 60) -> str:
-    """A path-safe form of ``name``; when sanitising changed it, a hash of the raw name is appended.
-
-    Names made only of ``[A-Za-z0-9._-]`` (and not starting with ``.`` or ``-``) are kept as they
-    are, so distinct names always give distinct slugs.
-    """
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:max_len].rstrip(".-")
-    if clean == name:
-        return clean
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{clean}-{digest}" if clean else digest
-
-
-def format_rate(rate: float) -> str:
-    """Shortest ``g`` form that reads back as the same float (0.4 -> "0.4", 0.0 -> "0")."""
-    text = f"{rate:g}"
-    return text if float(text) == rate else repr(float(rate))
-
-
-@dataclass(frozen=True)
-class CellKey:
-    """One grid cell."""
-
-    method: str
-    dataset: str
-    backbone: str
-    noise_protocol: str
-    noise_rate: float
-    noise_seed: int
-    train_seed: int
-
-    def __post_init__(self) -> None:
-        for name in ("method", "dataset", "backbone", "noise_protocol"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"cell key: {name} must be a non-empty string, got {value!r}")
-        rate = self.noise_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
-            raise ConfigError(f"cell key: noise_rate must be a number in [0, 1], got {rate!r}")
-        object.__setattr__(self, "noise_rate", float(rate))
-        for name in ("noise_seed", "train_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ConfigError(f"cell key: {name} must be an integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-
-    def relpath(self) -> Path:
-        """Readable, stable path relative to the store root; distinct keys give distinct paths."""
-        stem = f"{slug(self.noise_protocol)}-r{format_rate(self.noise_rate)}-n{self.noise_seed}-s{self.train_seed}"
-        return Path(slug(self.dataset), slug(self.backbone), slug(self.method), stem + ".json")
-
-    def label(self) -> str:
-        """One-line name, e.g. ``clip-ft synthetic tiny-vit shuffle r0.4 n0 s1``."""
-        return (f"{self.method} {self.dataset} {self.backbone} {self.noise_protocol} "
-                f"r{format_rate(self.noise_rate)} n{self.noise_seed} s{self.train_seed}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> CellKey:
-        """Inverse of ``as_dict``; ConfigError on missing or extra fields or bad values."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names:
-            got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ConfigError(f"cell key must have exactly the fields {sorted(names)}, got {got}")
-        return cls(**data)
 
 
 def to_json_safe(value: Any) -> Any:
@@ -128,20 +47,6 @@ def to_json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def validate(doc: Any) -> CellKey:
-    """Check schema, key and status of a result document; returns its key."""
-    if not isinstance(doc, dict):
-        raise ResultFormatError(f"result document must be a JSON object, got {type(doc).__name__}")
-    if doc.get("schema") != SCHEMA:
-        raise ResultFormatError(f"result schema {doc.get('schema')!r} is not supported (expected {SCHEMA})")
-    if doc.get("status") not in STATUSES:
-        raise ResultFormatError(f"result status {doc.get('status')!r} is not one of {', '.join(STATUSES)}")
-    try:
-        return CellKey.from_dict(doc.get("key"))
-    except ConfigError as exc:
-        raise ResultFormatError(f"result key: {exc}") from None
 
 
 def _looks_like_result(doc: Any) -> bool:

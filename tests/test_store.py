@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from rsnc_bench.cell_key import slug
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.store import CellKey, ResultFormatError, ResultStore, slug
+from rsnc_bench.record import ResultFormatError
+from rsnc_bench.store import CellKey, ResultStore
 
 
 def make_key(**over) -> CellKey:
@@ -77,7 +79,7 @@ def test_write_read_round_trip_nan_becomes_null(tmp_path):
 def test_write_rejects_invalid_documents(tmp_path):
     store = ResultStore(tmp_path)
     with pytest.raises(ResultFormatError):
-        store.write({**make_doc(make_key()), "schema": 2})
+        store.write({**make_doc(make_key()), "schema": 3})
     with pytest.raises(ResultFormatError):
         store.write({**make_doc(make_key()), "status": "done"})
     with pytest.raises(ResultFormatError):

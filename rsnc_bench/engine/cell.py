@@ -12,6 +12,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +30,10 @@ from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, PairScores
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, PairScores, Registered
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.paths import removed_on_error
+from rsnc_bench.record import ResultRecord
 from rsnc_bench.store import CellKey, ResultStore
 
 
@@ -124,7 +126,7 @@ def _manifest_path(key: CellKey, folder: Path) -> Path:
 
 def check_recorded_manifest(spec: CellSpec, store: ResultStore, doc: dict) -> None:
     """A complete cell's manifest on disk must still be the one it trained with (its recorded hash)."""
-    recorded = (doc.get("noise") or {}).get("manifest_hash")
+    recorded = ResultRecord.load(doc).noise.get("manifest_hash")
     label = _dataset_spec(spec.key.dataset, spec.dataset_options).label(spec.layout)
     path = _manifest_path(spec.key, store.root / "noise" / label)
     if recorded and path.exists() and NoiseManifest.load(path).content_hash != recorded:
@@ -159,24 +161,23 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None, *, p
 def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
     key = spec.key
     started = time.perf_counter()
-    doc = {"schema": 1, "key": key.as_dict(), "status": "failed", "error": None, "config": {}, "history": [],
-           "selected_epoch": None, "selected_by": "val_mr", "val": None, "test": None, "test_last": None,
-           "detection": None, "timings": {}, "environment": {}, "noise": {}}
+    record = ResultRecord(key)
     trainer = None
     try:
-        trainer = _train_and_evaluate(spec, store, device, doc)
-        doc["status"] = "complete"
+        trainer = _train_and_evaluate(spec, store, device, record)
+        record.status = "complete"
     except Diverged as exc:
-        doc.update(status="diverged", error=str(exc))
+        record.status, record.error = "diverged", str(exc)
     except RsncError as exc:
-        doc["error"] = str(exc)
+        record.error = str(exc)
     except Exception as exc:  # a bug in a method must not stop the grid; keep the trace for its author
-        doc["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        doc["traceback"] = traceback.format_exc()
-    doc["timings"]["total_seconds"] = time.perf_counter() - started
-    doc["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if doc["status"] != "complete" and store.is_complete(key):  # a forced rerun that failed
-        tqdm.write(f"{key.label()}: the rerun {doc['status']} ({doc['error']}); the previous complete result stays in {store.path(key)}")
+        record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        record.traceback = traceback.format_exc()
+    record.timings["total_seconds"] = time.perf_counter() - started
+    record.finished_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc = record.as_dict()
+    if not record.complete and store.is_complete(key):  # a forced rerun that failed
+        tqdm.write(f"{key.label()}: the rerun {record.status} ({record.error}); the previous complete result stays in {store.path(key)}")
     else:
         store.write(doc)
     if trainer is not None:
@@ -184,50 +185,78 @@ def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
     return doc
 
 
-def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, doc: dict) -> Trainer:
-    """Fill ``doc``; returns the trainer, whose resume state the caller clears once ``doc`` is written."""
+@dataclass(frozen=True)
+class CellData:
+    """The data stage's output: the dataset, its noise manifest and the noisy train split."""
+
+    label: str
+    data: Any  # the loaded dataset
+    manifest: NoiseManifest
+    manifest_path: Path
+    train_split: Split
+
+
+def _data_stage(spec: CellSpec, store: ResultStore) -> CellData:
+    dataset_spec, data = load_data(spec)
+    label = dataset_spec.label(spec.layout)
+    manifest, path = noise_manifest(data["train"], dataset_spec.name, label, spec.key, store.root / "noise")
+    return CellData(label, data, manifest, path, manifest.apply(data["train"]))
+
+
+def _method_stage(spec: CellSpec, entry: Registered, config) -> Method:
+    """The method on a freshly built backbone: random-init towers and heads depend on the training seed only."""
+    torch.manual_seed(spec.key.train_seed)
+    np.random.seed(spec.key.train_seed)
+    return entry.cls(build_backbone(spec.backbone), config)
+
+
+def _configure(spec: CellSpec, entry: Registered, mconfig, tconfig: TrainConfig, cell: CellData, record: ResultRecord) -> None:
+    """What the record says the cell ran with: configs, their sources, data, noise, environment."""
+    data, manifest = cell.data, cell.manifest
+    record.config = {
+        "method": {"name": spec.key.method, **asdict(mconfig)}, "capabilities": entry.record(),
+        "train": asdict(tconfig), "train_sources": train_sources(spec),
+        "backbone": asdict(spec.backbone),
+        "dataset": {"name": spec.key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
+                    "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}, "val": data.val_provenance},
+    }
+    record.noise = {"manifest": str(cell.manifest_path), "manifest_hash": manifest.content_hash, "realized_rate": manifest.realized_rate,
+                    "n_noisy": manifest.n_noisy, "n_rows": manifest.n_rows}
+    record.environment = environment(resolve_device(tconfig.device))
+
+
+def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, record: ResultRecord) -> Trainer:
+    """The cell's stages (data, method, train, evaluate, assemble), filling ``record``; returns the
+    trainer, whose resume state the caller clears once the record is written."""
     key = spec.key
     entry, mconfig = method_config(spec)
     tconfig = train_config(spec)
     if device_name:
         tconfig = dataclasses.replace(tconfig, device=device_name)
-    dataset_spec, data = load_data(spec)
-    label = dataset_spec.label(spec.layout)
-    manifest, manifest_path = noise_manifest(data["train"], dataset_spec.name, label, key, store.root / "noise")
-    train_split = manifest.apply(data["train"])
-    doc["config"] = {
-        "method": {"name": key.method, **asdict(mconfig)}, "capabilities": entry.record(),
-        "train": asdict(tconfig), "train_sources": train_sources(spec),
-        "backbone": asdict(spec.backbone),
-        "dataset": {"name": key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
-                    "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}, "val": data.val_provenance},
-    }
-    doc["noise"] = {"manifest": str(manifest_path), "manifest_hash": manifest.content_hash, "realized_rate": manifest.realized_rate,
-                    "n_noisy": manifest.n_noisy, "n_rows": manifest.n_rows}
-    device = resolve_device(tconfig.device)
-    doc["environment"] = environment(device)
+    cell = _data_stage(spec, store)
+    _configure(spec, entry, mconfig, tconfig, cell, record)
 
-    torch.manual_seed(key.train_seed)  # random-init towers and heads depend on the training seed only
-    np.random.seed(key.train_seed)
-    method: Method = entry.cls(build_backbone(spec.backbone), mconfig)
+    method = _method_stage(spec, entry, mconfig)
     if method.backbone.provenance:
-        doc["config"]["backbone_weights"] = method.backbone.provenance
-    cache = _image_cache(store, label)
-    train = split_tensors(train_split, method.backbone, cache, native=True)  # crops come from the original images
-    val, test = (split_tensors(s, method.backbone, cache) for s in (data["val"], data["test"]))
-    rows = TRAIN_ROWS[entry.rows](manifest.clean)  # a data variant (the oracle) trains on the clean rows only
-    doc["noise"]["train_rows_used"] = int(len(rows))
+        record.config["backbone_weights"] = method.backbone.provenance
+    cache = _image_cache(store, cell.label)
+    train = split_tensors(cell.train_split, method.backbone, cache, native=True)  # crops come from the original images
+    val, test = (split_tensors(s, method.backbone, cache) for s in (cell.data["val"], cell.data["test"]))
+    clean = cell.manifest.clean
+    rows = TRAIN_ROWS[entry.rows](clean)  # a data variant (the oracle) trains on the clean rows only
+    record.noise["train_rows_used"] = int(len(rows))
 
     def record_detection(scores: PairScores | None, epoch: dict) -> None:
         if scores is not None:
-            epoch["detection"] = detection_metrics(scores.clean_score, manifest.clean, scores.flagged_noisy).as_dict()
+            epoch["detection"] = detection_metrics(scores.clean_score, clean, scores.flagged_noisy).as_dict()
             if scores.others:
-                epoch["detection_others"] = {name: detection_metrics(score, manifest.clean).as_dict() for name, score in scores.others.items()}
+                epoch["detection_others"] = {name: detection_metrics(score, clean).as_dict() for name, score in scores.others.items()}
 
-    fingerprint = _fingerprint(doc["config"], doc["noise"]["manifest_hash"], key.as_dict())
+    fingerprint = _fingerprint(record.config, record.noise["manifest_hash"], key.as_dict())
     trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection,
-                      captions=train_split.captions)
+                      captions=cell.train_split.captions)
     outcome = trainer.fit()
+
     eval_started = time.perf_counter()
     last = evaluate(method, test, trainer.device, tconfig.eval_chunk)
     if outcome.selected_epoch != outcome.history[-1]["epoch"]:
@@ -235,18 +264,17 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         selected = evaluate(method, test, trainer.device, tconfig.eval_chunk)
     else:
         selected = last
+
     scores = trainer.selected_scores()
     if scores is not None:  # per-row scores, for ROC curves in the report
-        doc["detection_scores"] = store.write_scores(key, scores.clean_score, manifest.clean, scores.flagged_noisy)
+        record.detection_scores = store.write_scores(key, scores.clean_score, clean, scores.flagged_noisy)
     chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
     (own_tag, own), *variants = selected.items()
-    doc.update(history=outcome.history, selected_epoch=outcome.selected_epoch, val=chosen["val"],
-               test=own.as_dict(), test_last=own_metrics(last).as_dict(), detection=chosen.get("detection"))
-    if own_tag:
-        doc["score_tag"] = own_tag
-    if variants:  # further scorers (a re-ranker): a leaderboard row each, ``<method>+<tag>``
-        doc["test_variants"] = {tag: metrics.as_dict() for tag, metrics in variants}
-    doc["timings"].update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
+    record.history, record.selected_epoch, record.val = outcome.history, outcome.selected_epoch, chosen["val"]
+    record.test, record.test_last, record.detection = own.as_dict(), own_metrics(last).as_dict(), chosen.get("detection")
+    record.score_tag = own_tag
+    record.test_variants = {tag: metrics.as_dict() for tag, metrics in variants}  # a re-ranker: a row each, <method>+<tag>
+    record.timings.update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
                           samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
                           precision=outcome.precision, eval_precision=EVAL_PRECISION)
     return trainer

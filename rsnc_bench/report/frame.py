@@ -14,6 +14,7 @@ import pandas as pd
 
 from rsnc_bench.data.split import describe_val
 from rsnc_bench.errors import ConfigError, RsncError
+from rsnc_bench.record import ResultRecord
 from rsnc_bench.report.options import ReportOptions
 from rsnc_bench.report.references import Reference, load_references
 from rsnc_bench.results import GROUP, METRICS, SEEDS, latest, runs
@@ -85,46 +86,44 @@ def _selected(options: ReportOptions, dataset: str, backbone: str, *methods: str
             and (not options.backbones or _matches(backbone, options.backbones)))
 
 
-def _history(docs: dict[CellKey, dict]) -> pd.DataFrame:
+def _history(records: dict[CellKey, ResultRecord]) -> pd.DataFrame:
     rows = []
-    for key, doc in docs.items():
-        if doc["status"] != "complete" or not isinstance(doc.get("history"), list):
+    for key, record in records.items():
+        if not record.complete:
             continue
-        tag = doc.get("score_tag")
-        method = f"{key.method}@{tag}" if isinstance(tag, str) and tag else key.method
+        method = f"{key.method}@{record.score_tag}" if record.score_tag else key.method
         base = {**{n: getattr(key, n) for n in GROUP}, "method": method, "noise_seed": key.noise_seed,
                 "train_seed": key.train_seed}
-        for entry in doc["history"]:
-            val = entry.get("val") if isinstance(entry, dict) else None
+        for entry in record.history:
+            val = entry.get("val")
             if isinstance(val, dict) and isinstance(entry.get("epoch"), int):
                 rows.append({**base, "epoch": entry["epoch"],
                              **{m: float(val[m]) if isinstance(val.get(m), (int, float)) else math.nan for m in METRICS}})
     return pd.DataFrame(rows, columns=[*GROUP, *SEEDS, "epoch", *METRICS])
 
 
-def _provenance(doc: dict) -> dict[str, str]:
+def _provenance(record: ResultRecord) -> dict[str, str]:
     """What a result was computed with beyond the environment: its val split and its precisions."""
     out = {}
-    dataset = (doc.get("config") or {}).get("dataset") or {}
+    dataset = record.config.get("dataset") or {}
     if dataset.get("val"):
         out[f"val split ({dataset.get('name')})"] = describe_val(dataset["val"])
-    timings = doc.get("timings") or {}
     for name, label in (("precision", "training precision"), ("eval_precision", "evaluation precision")):
-        if timings.get(name):
-            out[label] = timings[name]
+        if record.timings.get(name):
+            out[label] = record.timings[name]
     return out
 
 
-def _environments(docs: Iterable[dict]) -> pd.DataFrame:
+def _environments(records: Iterable[ResultRecord]) -> pd.DataFrame:
     """Distinct values of each environment and provenance field over the results, with how many results have each."""
     counts: dict[tuple[str, str], int] = {}
-    for doc in docs:
-        env = doc.get("environment")
-        if not isinstance(env, dict):
+    for record in records:
+        env = record.environment
+        if not env:
             continue
         flat = {k: v for k, v in env.items() if k != "packages"}
         flat.update({f"package {k}": v for k, v in (env.get("packages") or {}).items()})
-        flat.update(_provenance(doc))
+        flat.update(_provenance(record))
         for name, value in flat.items():
             counts[(name, str(value))] = counts.get((name, str(value)), 0) + 1
     rows = [{"field": k, "value": v, "results": n} for (k, v), n in counts.items()]
@@ -174,11 +173,11 @@ def load(root: str | Path, options: ReportOptions, results: Iterable[dict] | Non
     table.attrs["split"] = options.split
     incomplete = []
     for key in keys:
-        doc = docs.get(key)
-        if (doc is not None and doc["status"] == "complete") or not _selected(options, key.dataset, key.backbone, key.method):
+        record = docs.get(key)
+        if (record is not None and record.complete) or not _selected(options, key.dataset, key.backbone, key.method):
             continue
-        incomplete.append({"label": key.label(), "status": "missing" if doc is None else doc["status"],
-                           "error": None if doc is None else (doc.get("error") or "no error message"), **key.as_dict()})
+        incomplete.append({"label": key.label(), "status": "missing" if record is None else record.status,
+                           "error": None if record is None else (record.error or "no error message"), **key.as_dict()})
     cells = pd.DataFrame(incomplete, columns=CELL_COLUMNS).sort_values("label", kind="stable").reset_index(drop=True)
     shown = set(table[["base_method", "dataset", "backbone", "noise_protocol", "noise_rate", *SEEDS]].itertuples(index=False, name=None))
     kept = {k: d for k, d in docs.items() if (k.method, k.dataset, k.backbone, k.noise_protocol, k.noise_rate,

@@ -22,11 +22,11 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure  # figures without pyplot: rendered by Agg (PNG) and the PDF backend, no display
 
+from rsnc_bench.cell_key import format_rate
 from rsnc_bench.engine.detection import auroc
 from rsnc_bench.report.frame import TABLE_GROUP, ReportData
 from rsnc_bench.report.tables import rate_label, reference_for
 from rsnc_bench.results import RECALL_HEADERS, RECALLS, aggregate
-from rsnc_bench.store import format_rate
 
 ROLE_STYLE = {"baseline": dict(color="0.15", linestyle="--"), "upper-bound": dict(color="0.55", linestyle=":")}  # by Method.role
 MAX_ROC_POINTS = 400

@@ -25,11 +25,11 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from rsnc_bench.cell_key import slug
 from rsnc_bench.report.frame import TABLE_GROUP, ReportData
 from rsnc_bench.report.references import Reference, find
 from rsnc_bench.report.stats import ALPHA, sign_flip_test
 from rsnc_bench.results import DETECTION, GROUP, METRICS, RECALL_HEADERS, SEEDS, aggregate, pipe_table
-from rsnc_bench.store import slug
 
 DETAIL_METRICS = [*RECALL_HEADERS, "mr", "rsum"]
 DETECTION_NAMES = {"auroc": "AUROC", "ap": "AP", "flag_precision": "flag precision", "flag_recall": "flag recall",
