@@ -17,9 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import WeightsNotFoundError, build_backbone, describe_backbones
-from rsnc_bench.config import parse_assignments
-from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.cell import CellSpec, cache_images, check_inputs, check_recorded_manifest, method_config, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, cache_images, check_inputs, check_recorded_manifest, run_cell
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
@@ -69,8 +67,6 @@ def _looks_like_path(text: str) -> bool:
 def expand(grid: GridConfig) -> list[CellSpec]:
     """Every cell of the grid, validated up front so that a typo fails before any training."""
     methods = resolve_methods(grid.methods)
-    for name in grid.datasets:
-        get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(grid.dataset_options)))
     for name in grid.backbones:
         _check_backbone(name)
     PROTOCOLS.get(grid.noise_protocol)
@@ -81,15 +77,12 @@ def expand(grid: GridConfig) -> list[CellSpec]:
         raise ConfigError(f"{builtin[0]} brings its own weights; to load a file, use --backbone {RECIPES[builtin[0]].arch} --pretrained FILE")
     if grid.pretrained and _looks_like_path(grid.pretrained) and not Path(grid.pretrained).is_file():
         raise WeightsNotFoundError(f"weights file {grid.pretrained} not found; give --pretrained an existing local weights file")
-    cells = []
+    cells = []  # each spec parses its options into typed configs: a typo fails here, not in every cell
     for dataset, backbone, method, rate, noise_seed, seed in itertools.product(
             grid.datasets, grid.backbones, methods, grid.noise, grid.noise_seeds, grid.seeds):
         key = CellKey(method, dataset, backbone, grid.noise_protocol, rate, noise_seed, seed)
         cells.append(CellSpec(key, grid.backbone_config(backbone), _method_options(grid, method), grid.train,
                               grid.data_root, grid.layout, grid.dataset_options))
-    for spec in cells:  # option typos fail here, not in every cell
-        method_config(spec)
-        train_config(spec)
     return cells
 
 

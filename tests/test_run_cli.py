@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from rsnc_bench.engine.cell import train_config
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.grid import expand
 from rsnc_bench.grid_config import load_grid
@@ -97,7 +96,7 @@ def test_rrsitr_paper_grid_is_rrsitrs_protocol():
     cells = expand(load_grid(Path(__file__).parents[1] / "benchmarks" / "grids" / "rrsitr-paper.yaml"))
     assert len(cells) == 3 * 2 * 5 * 5
     assert {c.key.noise_protocol for c in cells} == {"rrsitr"} and {c.key.train_seed for c in cells} == {3, 13, 25, 42, 65}
-    rrsitr = train_config(next(c for c in cells if c.key.method == "rrsitr"))
+    rrsitr = next(c for c in cells if c.key.method == "rrsitr").train_config
     assert (rrsitr.epochs, rrsitr.batch_size, rrsitr.lr, rrsitr.warmup_steps, rrsitr.weight_decay) == (50, 100, 7e-6, 200, 0.7)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.data.datasets import load_dataset
-from rsnc_bench.engine.cell import CellSpec, run_cell, train_config
+from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.engine.trainer import Trainer
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid import GridConfig, run_grid, usable_cores
@@ -206,11 +206,11 @@ def test_the_selected_epochs_row_scores_are_saved_not_the_last_epochs(tmp_path, 
 
 
 def test_train_config_layers(tmp_path, synthetic_root):
-    plain = train_config(replace(spec(synthetic_root), train_options=()))
+    plain = replace(spec(synthetic_root), train_options=()).train_config
     assert plain.lr == 2e-3 and plain.batch_size == 64  # tiny-vit's preset hints over clip-ft's paper budget
-    pretrained = train_config(replace(spec(synthetic_root), train_options=(), backbone=replace(spec(synthetic_root).backbone, name="ViT-B-32")))
+    pretrained = replace(spec(synthetic_root), train_options=(), backbone=replace(spec(synthetic_root).backbone, name="ViT-B-32")).train_config
     assert pretrained.lr == 7e-6 and pretrained.epochs == 50 and pretrained.weight_decay == 0.7  # methods.md 3.9
-    assert train_config(spec(synthetic_root)).epochs == 3  # the user's value wins
+    assert spec(synthetic_root).train_config.epochs == 3  # the user's value wins
 
 
 def test_oracle_trains_on_clean_rows_only(tmp_path, synthetic_root):

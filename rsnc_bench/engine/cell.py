@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import hashlib
 import json
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,25 @@ from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, PairScores, Registered
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, PairScores, Registered
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.paths import removed_on_error
 from rsnc_bench.record import ResultRecord
 from rsnc_bench.store import CellKey, ResultStore
 
 
+def _parsed():
+    return field(init=False, repr=False, compare=False)
+
+
 @dataclass(frozen=True)
 class CellSpec:
-    """Everything one cell needs; ``key.backbone`` is ``backbone.name``."""
+    """Everything one cell needs; ``key.backbone`` is ``backbone.name``.
+
+    The options are kept as given (``name=value``, as results record them) and parsed once, when
+    the spec is made (the grid expands into specs before anything trains), into typed objects:
+    ``method`` (the registered entry), ``method_config``, ``train_config`` (with its layers in
+    ``train_layers``) and ``dataset`` (the dataset with its options). A typo fails there."""
 
     key: CellKey
     backbone: BackboneConfig = BackboneConfig()
@@ -48,40 +56,42 @@ class CellSpec:
     data_root: str | None = None
     layout: str | None = None
     dataset_options: tuple[str, ...] = ()
+    # typed, from the options above (__post_init__)
+    method: Registered = _parsed()
+    method_config: MethodConfig = _parsed()
+    train_layers: dict[str, dict] = _parsed()
+    train_config: TrainConfig = _parsed()
+    dataset: DatasetSpec = _parsed()
+
+    def __post_init__(self):
+        entry = METHODS.entry(self.key.method)
+        config_type = entry.cls.config_type
+        # the training budget, lowest priority first (the harness defaults sit under all three)
+        layers = {"method_defaults": dict(entry.cls.train_defaults), "preset_hints": train_hints(self.backbone.name),
+                  "user": parse_assignments(TrainConfig, list(self.train_options))}
+        typed = {"method": entry, "method_config": config_type(**parse_assignments(config_type, list(self.method_options))),
+                 "train_layers": layers, "train_config": TrainConfig(**{k: v for layer in layers.values() for k, v in layer.items()}),
+                 "dataset": get_dataset(self.key.dataset, **parse_assignments(DATASETS.get(self.key.dataset).Options, list(self.dataset_options)))}
+        for name, value in typed.items():
+            object.__setattr__(self, name, value)
 
 
-def method_config(spec: CellSpec):
-    """(what the method name stands for, its typed config)."""
-    entry = METHODS.entry(spec.key.method)
-    return entry, entry.cls.config_type(**parse_assignments(entry.cls.config_type, list(spec.method_options)))
+    def dataset_label(self) -> str:
+        return self.dataset.label(self.layout)
 
 
-def train_sources(spec: CellSpec) -> dict[str, dict]:
-    """The layers of the training budget, lowest priority first: the method's paper budget, the
-    backbone preset's hints, the user's options (the harness defaults sit under all three)."""
-    return {"method_defaults": dict(METHODS.entry(spec.key.method).cls.train_defaults),
-            "preset_hints": train_hints(spec.backbone.name),
-            "user": parse_assignments(TrainConfig, list(spec.train_options))}
-
-
-def train_config(spec: CellSpec) -> TrainConfig:
-    """Harness defaults < the method's paper budget < the backbone preset's hints < the user."""
-    return TrainConfig(**{k: v for layer in train_sources(spec).values() for k, v in layer.items()})
-
-
-def _dataset_spec(name: str, options: tuple[str, ...]) -> DatasetSpec:
-    return get_dataset(name, **parse_assignments(DATASETS.get(name).Options, list(options)))
-
-
-@functools.lru_cache(maxsize=4)
-def _load(name: str, root: str | None, layout: str | None, options: tuple[str, ...]):
-    dataset_spec = _dataset_spec(name, options)
-    return dataset_spec, dataset_spec.load(root, layout=layout)
+_LOADED: dict[tuple, Any] = {}  # the last few datasets loaded in this process
+_KEEP_LOADED = 4
 
 
 def load_data(spec: CellSpec):
-    """(dataset spec, loaded dataset) of a cell, once per process (a synthetic dataset is drawn on first use)."""
-    return _load(spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options)
+    """The cell's loaded dataset, once per process (a synthetic dataset is drawn on first use)."""
+    key = (spec.key.dataset, spec.data_root, spec.layout, spec.dataset_options)
+    if key not in _LOADED:
+        while len(_LOADED) >= _KEEP_LOADED:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = spec.dataset.load(spec.data_root, layout=spec.layout)
+    return _LOADED[key]
 
 
 def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_dir: Path) -> tuple[NoiseManifest, Path]:
@@ -100,8 +110,8 @@ def check_inputs(spec: CellSpec, store: ResultStore) -> None:
     """What a cell would otherwise find only once started: its dataset's files and images (loaded
     once per process, so a synthetic one is drawn here, not by several workers at a time) and a
     saved manifest that no longer fits them."""
-    dataset_spec, data = load_data(spec)
-    path = _manifest_path(spec.key, store.root / "noise" / dataset_spec.label(spec.layout))
+    data = load_data(spec)
+    path = _manifest_path(spec.key, store.root / "noise" / spec.dataset_label())
     if path.exists():
         NoiseManifest.load(path).check_split(data["train"], where=str(path))
 
@@ -109,8 +119,8 @@ def check_inputs(spec: CellSpec, store: ResultStore) -> None:
 def cache_images(spec: CellSpec, store: ResultStore, image_size: int) -> None:
     """Decode the cell's images into the cache its cells read (train at native size, val and test
     at the backbone's): before the grid, so that an unreadable image stops it before any training."""
-    dataset_spec, data = load_data(spec)
-    cache = _image_cache(store, dataset_spec.label(spec.layout))
+    data = load_data(spec)
+    cache = _image_cache(store, spec.dataset_label())
     with removed_on_error(cache):  # the caches of the splits before a bad image go too
         for split in data.splits.values():
             SplitImages(split, None if split.name == "train" else image_size, cache)
@@ -127,8 +137,7 @@ def _manifest_path(key: CellKey, folder: Path) -> Path:
 def check_recorded_manifest(spec: CellSpec, store: ResultStore, doc: dict) -> None:
     """A complete cell's manifest on disk must still be the one it trained with (its recorded hash)."""
     recorded = ResultRecord.load(doc).noise.get("manifest_hash")
-    label = _dataset_spec(spec.key.dataset, spec.dataset_options).label(spec.layout)
-    path = _manifest_path(spec.key, store.root / "noise" / label)
+    path = _manifest_path(spec.key, store.root / "noise" / spec.dataset_label())
     if recorded and path.exists() and NoiseManifest.load(path).content_hash != recorded:
         raise ConfigError(f"{path}: changed since {spec.key.label()} was trained with it (content hash {recorded}); "
                           "restore it, or delete it and rerun with --force")
@@ -197,9 +206,8 @@ class CellData:
 
 
 def _data_stage(spec: CellSpec, store: ResultStore) -> CellData:
-    dataset_spec, data = load_data(spec)
-    label = dataset_spec.label(spec.layout)
-    manifest, path = noise_manifest(data["train"], dataset_spec.name, label, spec.key, store.root / "noise")
+    data, label = load_data(spec), spec.dataset_label()
+    manifest, path = noise_manifest(data["train"], spec.dataset.name, label, spec.key, store.root / "noise")
     return CellData(label, data, manifest, path, manifest.apply(data["train"]))
 
 
@@ -215,7 +223,7 @@ def _configure(spec: CellSpec, entry: Registered, mconfig, tconfig: TrainConfig,
     data, manifest = cell.data, cell.manifest
     record.config = {
         "method": {"name": spec.key.method, **asdict(mconfig)}, "capabilities": entry.record(),
-        "train": asdict(tconfig), "train_sources": train_sources(spec),
+        "train": asdict(tconfig), "train_sources": spec.train_layers,
         "backbone": asdict(spec.backbone),
         "dataset": {"name": spec.key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
                     "splits": {name: [s.n_images, s.n_rows] for name, s in data.splits.items()}, "val": data.val_provenance},
@@ -229,8 +237,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     """The cell's stages (data, method, train, evaluate, assemble), filling ``record``; returns the
     trainer, whose resume state the caller clears once the record is written."""
     key = spec.key
-    entry, mconfig = method_config(spec)
-    tconfig = train_config(spec)
+    entry, mconfig, tconfig = spec.method, spec.method_config, spec.train_config
     if device_name:
         tconfig = dataclasses.replace(tconfig, device=device_name)
     cell = _data_stage(spec, store)
