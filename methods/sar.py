@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from rsnc_bench.engine.retrieval import Reranked
+from rsnc_bench.engine.retrieval import Reranked, stable_top
 from rsnc_bench.errors import ConfigError
 
 DEFAULT_K = 10
@@ -41,28 +41,11 @@ def _rerank_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, n_gallery)
     if k == 0 or n_queries == 0:
         return scores.clone()
-    top = _stable_top(scores, k)
+    top = stable_top(scores.T, k).T  # each row's k best columns, the harness's tie rule
     forward = torch.arange(k, device=scores.device).expand_as(top)
     # a stable sort keeps the forward order (S desc, index asc) among equal keys
     resorted = top.gather(1, torch.sort(forward + _reverse_ranks(scores, top), dim=1, stable=True).indices)
     return _lift(scores, resorted)
-
-
-def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Column indices of each row's k best entries: score desc, then lower index.
-
-    topk picks the candidates, which are then put in stable order; rows where a tie crosses the
-    k-th place (topk's choice among equals is arbitrary) are sorted in full.
-    """
-    vals, idx = torch.topk(scores, k, dim=1)
-    idx = idx.sort(dim=1).values  # candidates by index, then a stable sort by score
-    idx = idx.gather(1, torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True).indices)
-    crossing = ((scores >= vals[:, -1:]).sum(1) > k).nonzero().squeeze(1)
-    chunk = max(1, ELEMENT_BUDGET // scores.shape[1])
-    for start in range(0, len(crossing), chunk):
-        rows = crossing[start: start + chunk]
-        idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
-    return idx
 
 
 def _reverse_ranks(scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

@@ -274,7 +274,7 @@ def info_nce(text: torch.Tensor, image: torch.Tensor, scale: float) -> tuple[tor
 
     Returns the mean loss and the per-row loss, (CE(text->images) + CE(image->texts)) / 2.
     """
-    logits = scale * F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T  # rows = texts
+    logits = scale * cosine(text, image)  # rows = texts
     target = torch.arange(len(logits), device=logits.device)
     per_row = (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
     return per_row.mean(), per_row

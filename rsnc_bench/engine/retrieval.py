@@ -92,20 +92,31 @@ def cosine_blocks(text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = 
         yield cosine(text_emb[start: start + chunk], image_emb)
 
 
-def _top_stable(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best rows per column, ordered by (score desc, position asc); ``idx`` rises with position.
+SORT_BUDGET = 1 << 22  # entries of the columns fully sorted at once where a tie crosses the k-th place
 
-    Fast path: topk picks the candidates, then they are put in stable order. Only columns where
-    a tie crosses the k-th place (topk's choice among equals is arbitrary) are fully sorted.
-    """
-    k = min(k, vals.shape[0])
-    top, pos = torch.topk(vals, k, dim=0)
+
+def stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` best entries of each column (dim 0) under the tie rule: higher score
+    first, equal scores by lower position. The one top-K rule (the recalls and SAR use it).
+
+    topk picks the candidates, which are then put in stable order; only columns where a tie
+    crosses the k-th place (topk's choice among equals is arbitrary) are sorted in full, a few
+    columns at a time."""
+    k = min(k, values.shape[0])
+    top, pos = torch.topk(values, k, dim=0)
     pos, by_pos = pos.sort(dim=0)  # candidates by position, then a stable sort by score
-    order = torch.sort(top.gather(0, by_pos), dim=0, descending=True, stable=True).indices
-    pos = pos.gather(0, order)
-    crossing = ((vals >= top[-1]).sum(0) > k).nonzero().squeeze(1)
-    if len(crossing):
-        pos[:, crossing] = torch.sort(vals[:, crossing], dim=0, descending=True, stable=True).indices[:k]
+    pos = pos.gather(0, torch.sort(top.gather(0, by_pos), dim=0, descending=True, stable=True).indices)
+    crossing = ((values >= top[-1:]).sum(0) > k).nonzero().squeeze(1)
+    step = max(1, SORT_BUDGET // max(1, values.shape[0]))
+    for start in range(0, len(crossing), step):
+        cols = crossing[start: start + step]
+        pos[:, cols] = torch.sort(values[:, cols], dim=0, descending=True, stable=True).indices[:k]
+    return pos
+
+
+def _top_stable(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best rows per column by ``stable_top`` (``idx`` rises with position): their values and ``idx``."""
+    pos = stable_top(vals, k)
     return vals.gather(0, pos), idx.gather(0, pos)
 
 
