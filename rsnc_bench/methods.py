@@ -26,7 +26,6 @@ its loss and its scorer. The harness never imports a method by name: the registr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -38,6 +37,7 @@ from torch import nn
 from rsnc_bench.backbones.base import DualEncoder, Features
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.engine.scoring import FullScore, Scorer
+from rsnc_bench.engine.signals import RowSignals
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.registry import Registry
 
@@ -83,16 +83,6 @@ class LossOutput:
     flagged: torch.Tensor | None = None  # [B] bool
     others: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B]
     logs: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PairScores:
-    """A clean-ness score per train row (higher = cleaner; NaN = not scored), the method's own
-    flags (None: it gives none) and further named scores (same convention)."""
-
-    clean_score: np.ndarray
-    flagged_noisy: np.ndarray | None = None
-    others: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,71 +137,6 @@ class Method(nn.Module):
         ``<method>@<tag>`` when tagged, e.g. a top-K first stage), each further one a row
         ``<method>+<tag>`` (a re-ranker such as SAR). Default: ``score`` over every pair."""
         return [FullScore()]
-
-
-class RowSignals:
-    """Named float64 values per train row, recorded as rows are seen (NaN: not seen yet): grown
-    on demand, written by row index, saved in checkpoints through ``state`` / ``load``."""
-
-    def __init__(self, *names: str):
-        self.values = {name: torch.empty(0, dtype=torch.float64) for name in names}
-
-    def __len__(self) -> int:
-        return max((len(v) for v in self.values.values()), default=0)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.values
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.values[name]
-
-    def ensure(self, n_rows: int) -> None:
-        for name, values in self.values.items():
-            if len(values) < n_rows:
-                self.values[name] = torch.cat([values, torch.full((n_rows - len(values),), math.nan, dtype=torch.float64)])
-
-    def record(self, rows: torch.Tensor, **values: torch.Tensor) -> None:
-        rows = rows.cpu()
-        for name in values:
-            self.values.setdefault(name, torch.empty(0, dtype=torch.float64))
-        self.ensure(max(len(self), int(rows.max()) + 1))
-        for name, value in values.items():
-            self.values[name][rows] = value.detach().to("cpu", torch.float64)
-
-    def numpy(self, name: str) -> np.ndarray:
-        return self.values[name].numpy().copy()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {name: values.clone() for name, values in self.values.items()}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.values = {name: values.clone() for name, values in state.items()}
-
-
-FLAGGED, CLEAN = "flagged", "clean"
-
-
-def record_signals(signals: RowSignals, rows: torch.Tensor, out: LossOutput) -> None:
-    """Keep a step's clean-ness signals per train row (the harness calls this after each loss)."""
-    if out.clean is None:
-        if out.flagged is not None or out.others:
-            raise ConfigError("a LossOutput gave flags or other scores without clean: give clean too")
-        return
-    values = {CLEAN: out.clean, **({FLAGGED: out.flagged} if out.flagged is not None else {}),
-              **{f"others.{name}": value for name, value in out.others.items()}}
-    for name, value in values.items():
-        if value.shape != rows.shape:
-            raise ConfigError(f"LossOutput.{name} has shape {tuple(value.shape)}; give one value per batch row, {tuple(rows.shape)}")
-    signals.record(rows, **values)
-
-
-def pair_scores(signals: RowSignals) -> PairScores | None:
-    """Each row's latest signals as the detection metrics read them (None before any)."""
-    if CLEAN not in signals:
-        return None
-    flagged = np.nan_to_num(signals.numpy(FLAGGED), nan=0.0) > 0.5 if FLAGGED in signals else None
-    others = {name.removeprefix("others."): signals.numpy(name) for name in signals.values if name.startswith("others.")}
-    return PairScores(signals.numpy(CLEAN), flagged, others)
 
 
 # Data variants: which train rows a registered name trains on, given the manifest's clean flags.
@@ -274,7 +199,7 @@ def info_nce(text: torch.Tensor, image: torch.Tensor, scale: float) -> tuple[tor
 
     Returns the mean loss and the per-row loss, (CE(text->images) + CE(image->texts)) / 2.
     """
-    logits = scale * cosine(text, image)  # rows = texts
+    logits = cosine(text, image, scale)  # rows = texts
     target = torch.arange(len(logits), device=logits.device)
     per_row = (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
     return per_row.mean(), per_row

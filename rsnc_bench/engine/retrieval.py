@@ -80,10 +80,13 @@ def matrix_blocks(scores: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK)
         yield scores[start: start + chunk]
 
 
-def cosine(text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+def cosine(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """[n_texts, n_images] cosine similarity of the embeddings, in fp32: the one definition every
-    cosine score of the harness and the built-in methods uses."""
-    return torch.nn.functional.normalize(text_emb.float(), dim=-1) @ torch.nn.functional.normalize(image_emb.float(), dim=-1).T
+    cosine score of the harness and the built-in methods uses. ``scale`` (a logit scale)
+    multiplies the normalised texts before the product, the order the training losses have always
+    used (the other order rounds differently, and PMPGuard's numbers moved with it)."""
+    text = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    return (text if scale == 1.0 else scale * text) @ torch.nn.functional.normalize(image_emb.float(), dim=-1).T
 
 
 def cosine_blocks(text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> Iterator[torch.Tensor]:
