@@ -12,8 +12,9 @@ import torch
 
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups
+from rsnc_bench.engine.signals import RowSignals, pair_scores, record_signals
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, TRAIN_ROWS, LossOutput, Registered, RowSignals, info_nce, pair_scores, record_signals
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, LossOutput, Registered, info_nce
 from rsnc_bench.store import CellKey, ResultStore
 
 from .conftest import TINY_SYNTHETIC
@@ -99,10 +100,10 @@ def test_roles_are_declared_by_each_class_and_not_inherited():
 
 
 def test_the_harness_keeps_the_latest_signals_per_row_and_checks_their_shape():
-    signals = RowSignals()
+    signals = RowSignals(n_rows=4)  # rows 1 and (in the first step) 3 not seen: the arrays still cover every row
     record_signals(signals, torch.tensor([0, 2]), LossOutput(torch.tensor(0.0), clean=torch.tensor([0.5, -1.0]),
                                                              flagged=torch.tensor([False, True]), others={"gate": torch.tensor([1.0, 2.0])}))
-    signals.ensure(4)
+    np.testing.assert_array_equal(pair_scores(signals).clean_score, [0.5, np.nan, -1.0, np.nan])
     record_signals(signals, torch.tensor([2, 3]), LossOutput(torch.tensor(0.0), clean=torch.tensor([0.25, 3.0]),
                                                              flagged=torch.tensor([False, False]), others={"gate": torch.tensor([5.0, 6.0])}))
     scores = pair_scores(signals)

@@ -13,8 +13,9 @@ from torch import nn
 import rsnc_builtin_methods.clip_pipeline as pipeline
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.engine.signals import RowSignals, record_signals
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, EpochContext, RowSignals, record_signals
+from rsnc_bench.methods import METHODS, EpochContext
 from rsnc_bench.store import CellKey, ResultStore
 from rsnc_builtin_methods.clip_pipeline import cosine_matrix
 from rsnc_builtin_methods.rrsitr import (

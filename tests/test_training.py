@@ -13,11 +13,12 @@ import torch
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.data.datasets import load_dataset
 from rsnc_bench.engine.cell import CellSpec, run_cell
+from rsnc_bench.engine.signals import PairScores
 from rsnc_bench.engine.trainer import Trainer
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid import GridConfig, run_grid, usable_cores
 from rsnc_bench.grid_config import load_grid
-from rsnc_bench.methods import METHODS, LossOutput, PairScores
+from rsnc_bench.methods import METHODS, LossOutput
 from rsnc_bench.noise import make_manifest
 from rsnc_bench.store import CellKey, ResultStore
 
@@ -203,6 +204,21 @@ def test_the_selected_epochs_row_scores_are_saved_not_the_last_epochs(tmp_path, 
     saved = store.read_scores(doc["detection_scores"])
     seen = saved["clean_score"][~np.isnan(saved["clean_score"])]
     assert len(seen) and (seen <= 2.0).all() and (seen == 2.0).any()  # the last epoch's would be 3
+
+
+METHODS.register("test-epoch-scores-clean-rows", rows="clean")(EpochScores)  # a data variant: never sees the noisy rows
+
+
+def test_the_signals_cover_every_manifest_row_when_some_are_never_seen(tmp_path, synthetic_root):
+    """The harness's per-row arrays are as long as the manifest from the first epoch on, also
+    when the highest rows are never trained on (here: noisy rows a clean-rows variant skips)."""
+    store = ResultStore(tmp_path)
+    doc = run_cell(spec(synthetic_root, method="test-epoch-scores-clean-rows", rate=0.8, epochs=1), store)
+    assert doc["status"] == "complete", doc["error"]
+    saved = store.read_scores(doc["detection_scores"])
+    assert not saved["clean"][-1]  # the last row is noisy, so it is never seen
+    assert len(saved["clean_score"]) == doc["noise"]["n_rows"] and np.isnan(saved["clean_score"][~saved["clean"]]).all()
+    assert doc["history"][0]["detection"]["n_scored"] <= doc["noise"]["train_rows_used"]
 
 
 def test_train_config_layers(tmp_path, synthetic_root):

@@ -26,10 +26,11 @@ from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
+from rsnc_bench.engine.signals import PairScores
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, PairScores, Registered
+from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, Registered
 from rsnc_bench.noise import NoiseManifest, make_manifest, manifest_path
 from rsnc_bench.paths import removed_on_error
 from rsnc_bench.record import ResultRecord

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from rsnc_bench.engine.batches import Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
 from rsnc_bench.engine.evaluate import evaluate, own_metrics
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
+from rsnc_bench.engine.signals import PairScores, RowSignals, pair_scores, record_signals
 from rsnc_bench.errors import ConfigError, RsncError
-from rsnc_bench.methods import EpochContext, Method, PairScores, RowSignals, pair_scores, record_signals
+from rsnc_bench.methods import EpochContext, Method
 from rsnc_bench.paths import atomic_write
 from rsnc_bench.progress import bar
 
@@ -172,6 +173,7 @@ class Trainer:
         order_gen = torch.Generator().manual_seed(self.seed)
         augment_gen = torch.Generator().manual_seed(self.seed + 1)
         state = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_mr": -math.inf, "train_seconds": 0.0, "samples": 0}
+        self.signals.ensure(self.train.n_rows)  # one entry per manifest row, seen or not
         state = self._resume(state, optimizer, scaler, order_gen, augment_gen)
         best_unsaved, saved_at = False, time.perf_counter()
         preprocess = Preprocess(self.method.backbone, augment=cfg.augment, generator=augment_gen)
@@ -179,7 +181,6 @@ class Trainer:
         epochs = bar(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, initial=state["epoch"], total=cfg.epochs)
         for epoch in epochs:
             self.method.train()
-            self.signals.ensure(self.train.n_rows)
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
                                                  getattr(self.method.backbone, "tokenizer", None), self.signals))
             started, losses, logs = time.perf_counter(), [], []
