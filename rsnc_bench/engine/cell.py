@@ -1,4 +1,6 @@
-"""Run one grid cell: data, noise, backbone, method, training, evaluation, one result JSON."""
+"""Run one grid cell as a short pipeline of named stages: data (dataset, noise manifest), method
+(seeded backbone and heads), train, evaluate (every scorer of the method), assemble (one
+``ResultRecord``, written as one JSON)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.signals import PairScores
-from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, resolve_device
+from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, TrainOutcome, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, Registered
@@ -75,7 +77,6 @@ class CellSpec:
                  "dataset": get_dataset(self.key.dataset, **parse_assignments(DATASETS.get(self.key.dataset).Options, list(self.dataset_options)))}
         for name, value in typed.items():
             object.__setattr__(self, name, value)
-
 
     def dataset_label(self) -> str:
         return self.dataset.label(self.layout)
@@ -234,6 +235,27 @@ def _configure(spec: CellSpec, entry: Registered, mconfig, tconfig: TrainConfig,
     record.environment = environment(resolve_device(tconfig.device))
 
 
+def _evaluate_stage(method: Method, trainer: Trainer, outcome: TrainOutcome, test, chunk: int):
+    """Test metrics per scorer of the last epoch's weights and of the selected epoch's."""
+    last = evaluate(method, test, trainer.device, chunk)
+    if outcome.selected_epoch == outcome.history[-1]["epoch"]:
+        return last, last
+    trainer.load_selected()
+    return last, evaluate(method, test, trainer.device, chunk)
+
+
+def _assemble_stage(record: ResultRecord, outcome: TrainOutcome, last: dict, selected: dict) -> None:
+    chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
+    (own_tag, own), *variants = selected.items()
+    record.history, record.selected_epoch, record.val = outcome.history, outcome.selected_epoch, chosen["val"]
+    record.test, record.test_last, record.detection = own.as_dict(), own_metrics(last).as_dict(), chosen.get("detection")
+    record.score_tag = own_tag
+    record.test_variants = {tag: metrics.as_dict() for tag, metrics in variants}  # a re-ranker: a row each, <method>+<tag>
+    record.timings.update(train_seconds=outcome.train_seconds,
+                          samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
+                          precision=outcome.precision, eval_precision=EVAL_PRECISION)
+
+
 def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, record: ResultRecord) -> Trainer:
     """The cell's stages (data, method, train, evaluate, assemble), filling ``record``; returns the
     trainer, whose resume state the caller clears once the record is written."""
@@ -266,23 +288,10 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     outcome = trainer.fit()
 
     eval_started = time.perf_counter()
-    last = evaluate(method, test, trainer.device, tconfig.eval_chunk)
-    if outcome.selected_epoch != outcome.history[-1]["epoch"]:
-        trainer.load_selected()
-        selected = evaluate(method, test, trainer.device, tconfig.eval_chunk)
-    else:
-        selected = last
-
+    last, selected = _evaluate_stage(method, trainer, outcome, test, tconfig.eval_chunk)
     scores = trainer.selected_scores()
     if scores is not None:  # per-row scores, for ROC curves in the report
         record.detection_scores = store.write_scores(key, scores.clean_score, clean, scores.flagged_noisy)
-    chosen = next(e for e in outcome.history if e["epoch"] == outcome.selected_epoch)
-    (own_tag, own), *variants = selected.items()
-    record.history, record.selected_epoch, record.val = outcome.history, outcome.selected_epoch, chosen["val"]
-    record.test, record.test_last, record.detection = own.as_dict(), own_metrics(last).as_dict(), chosen.get("detection")
-    record.score_tag = own_tag
-    record.test_variants = {tag: metrics.as_dict() for tag, metrics in variants}  # a re-ranker: a row each, <method>+<tag>
-    record.timings.update(train_seconds=outcome.train_seconds, eval_seconds=time.perf_counter() - eval_started,
-                          samples_per_second=outcome.samples / outcome.train_seconds if outcome.train_seconds else None,
-                          precision=outcome.precision, eval_precision=EVAL_PRECISION)
+    _assemble_stage(record, outcome, last, selected)
+    record.timings["eval_seconds"] = time.perf_counter() - eval_started
     return trainer
