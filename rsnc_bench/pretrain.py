@@ -133,7 +133,7 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
 
 def build_checkpoint(name: str, folder: Path) -> None:
     """Pretrain ``name``'s recipe and write its checkpoint folder atomically."""
-    import open_clip
+    from rsnc_bench.backbones.openclip import model_config
 
     recipe = RECIPES[name]
     started = time.perf_counter()
@@ -143,7 +143,7 @@ def build_checkpoint(name: str, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(encoder.model.state_dict(), tmp / WEIGHTS_NAME)
-    model_cfg = open_clip.get_model_config(recipe.arch)
+    model_cfg = model_config(recipe.arch)
     (tmp / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {
         "size": model_cfg["vision_cfg"]["image_size"], "mean": list(encoder.mean), "std": list(encoder.std),
         "interpolation": "bicubic", "resize_mode": "shortest"}}, indent=2))

@@ -101,3 +101,28 @@ def test_global_text_embedding_skips_the_padding_tail_exactly():
     torch.testing.assert_close(fast, model.encode_text(text, tokens=True).embedding, rtol=1e-5, atol=1e-5)
     fast.sum().backward()
     assert model.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_a_preset_is_one_folder_holding_its_architecture_and_its_budget(tmp_path):
+    """presets/<name>/open_clip_config.json: open_clip's local-dir format plus the preset's budget.
+    Built through it, the model is the one open_clip builds from the same architecture registered
+    by name (same init, same tokenizer), so moving the presets changed no number."""
+    import json
+
+    import open_clip
+
+    from rsnc_bench.backbones import TRAIN_HINTS
+    from rsnc_bench.backbones.openclip import PRESET_DIR, PRESETS
+
+    assert set(PRESETS) >= {"tiny-vit", "tiny-b32"}
+    preset = json.loads((PRESET_DIR / "tiny-vit" / "open_clip_config.json").read_text())
+    assert TRAIN_HINTS["tiny-vit"] == preset["train"] and "train" not in PRESETS["tiny-b32"]
+    (tmp_path / "tiny-vit-by-name.json").write_text(json.dumps(preset["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "tiny-vit-by-name.json")
+    torch.manual_seed(3)
+    by_name = open_clip.create_model("tiny-vit-by-name")
+    torch.manual_seed(3)
+    ours = build_backbone(BackboneConfig("tiny-vit"))
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), ours.model.state_dict().values()))
+    captions = ["two planes near the terminal", "a river"]
+    assert torch.equal(open_clip.get_tokenizer("tiny-vit-by-name")(captions), ours.tokenize(captions))

@@ -21,15 +21,17 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # protocol.md section 7.4
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# Training budgets for the random-init CPU presets (non-paper: a pretrained model's paper learning
-# rate, 7e-6, would leave a tower trained from scratch where it started). Every value is listed in
-# the README and `run --help`, and each result records them under config.train_sources.
-TRAIN_HINTS: dict[str, dict] = {
-    "tiny-vit": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
-    "minilm": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 6},
-    # a pretrained start needs a fine-tuning budget: the from-scratch lr would erase what it learnt
-    "tiny-clip": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 20, "batch_size": 64, "epochs": 5},
-}
+# Training budgets of the presets that need their own (non-paper: a pretrained model's paper
+# learning rate, 7e-6, would leave a tower trained from scratch where it started). Each preset
+# declares its budget where it is defined: a preset folder's ``open_clip_config.json`` ("train"),
+# or ``declare_budget`` beside its builder. Every value is listed in the README and `run --help`,
+# and each result records them under config.train_sources.
+TRAIN_HINTS: dict[str, dict] = {}
+
+
+def declare_budget(name: str, **budget) -> None:
+    """The train-config values the backbone preset ``name`` needs (over the method's paper budget)."""
+    TRAIN_HINTS[name] = budget
 
 
 def train_hints(name: str) -> dict:

@@ -22,6 +22,6 @@ def build_backbone(config: BackboneConfig) -> DualEncoder:
 def describe_backbones(pattern: str = "*") -> list[tuple[str, str]]:
     """(name, one-line description) of every backbone matching a wildcard."""
     rows = [(name, first_line(builder.__doc__)) for name, builder in BACKBONES.items()]
-    rows += [(name, "CPU preset (open_clip config shipped with rsnc-bench), random init") for name in openclip.PRESETS]
+    rows += [(name, preset.get("doc") or "CPU preset shipped with rsnc-bench, random init") for name, preset in openclip.PRESETS.items()]
     rows += [(name, "open_clip architecture") for name in openclip.architectures() if name not in openclip.PRESETS]
     return [(n, d) for n, d in rows if fnmatch.fnmatch(n, pattern)]

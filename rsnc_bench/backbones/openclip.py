@@ -13,9 +13,11 @@ and loads without complaint while every feature is wrong. Use the ``-quickgelu``
 ``quick_gelu=True``; a warning fires when a file whose name suggests OpenAI initialisation is
 loaded into a GELU architecture.
 
-The CPU architectures (``tiny-vit``, ``tiny-b32``) are open_clip configs shipped in
-``open_clip_configs/``, registered with open_clip like any other architecture (random init);
-``tiny-clip`` is ``tiny-b32`` with the built-in pretrained weights of ``rsnc_bench.pretrain``.
+The CPU architectures (``tiny-vit``, ``tiny-b32``) are presets: one folder each in ``presets/``
+holding an ``open_clip_config.json`` in open_clip's local-dir format (``model_cfg``, random
+init), with the preset's one-line ``doc`` and, when it needs one, its training budget
+(``train``) beside the architecture; adding a preset is adding a folder. ``tiny-clip`` is
+``tiny-b32`` with the built-in pretrained weights of ``rsnc_bench.pretrain``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import logging
 import os
 import re
@@ -34,13 +37,16 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError, trim_padding_columns
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError, declare_budget, trim_padding_columns
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError, UnknownNameError
 
-PRESET_DIR = Path(__file__).with_name("open_clip_configs")
-PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-open_clip.add_model_config(PRESET_DIR)
+PRESET_DIR = Path(__file__).with_name("presets")
+PRESET_FILE = "open_clip_config.json"
+PRESETS = {path.parent.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(PRESET_DIR.glob(f"*/{PRESET_FILE}"))}
+for _name, _preset in PRESETS.items():
+    if "train" in _preset:
+        declare_budget(_name, **_preset["train"])
 
 NORMS = {  # protocol.md section 7.4
     "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
@@ -122,7 +128,17 @@ class OpenClipEncoder(DualEncoder):
 
 
 def architectures() -> list[str]:
-    return open_clip.list_models()
+    return [*PRESETS, *open_clip.list_models()]
+
+
+def _open_clip_name(arch: str) -> str:
+    """The name open_clip builds ``arch`` by: a preset is its folder (local-dir format)."""
+    return f"local-dir:{PRESET_DIR / arch}" if arch in PRESETS else arch
+
+
+def model_config(arch: str) -> dict | None:
+    """open_clip's architecture config of ``arch`` (a preset's ``model_cfg``), None if unknown."""
+    return open_clip.get_model_config(_open_clip_name(arch))
 
 
 def build_open_clip(config: BackboneConfig) -> OpenClipEncoder:
@@ -142,6 +158,10 @@ def build_open_clip(config: BackboneConfig) -> OpenClipEncoder:
     model.eval()
     norm = NORMS.get(options.norm)
     return OpenClipEncoder(model, _tokenizer(_tokenizer_name(name)), norm)
+
+
+# a pretrained start needs a fine-tuning budget: tiny-vit's from-scratch lr would erase what it learnt
+declare_budget("tiny-clip", lr=5e-4, weight_decay=0.1, warmup_steps=20, batch_size=64, epochs=5)
 
 
 @BACKBONES.register("tiny-clip")
@@ -168,7 +188,7 @@ def _tokenizer(name: str):
 
 
 def _tokenizer_name(name: str) -> str:
-    return name if name.startswith("local-dir:") else name.replace("/", "-")
+    return name if name.startswith("local-dir:") else _open_clip_name(name.replace("/", "-"))
 
 
 def _from_local_dir(name: str, config: BackboneConfig) -> open_clip.CLIP:
@@ -186,7 +206,7 @@ def _from_architecture(arch: str, config: BackboneConfig) -> open_clip.CLIP:
     quick = config.quick_gelu
     if source is None or os.path.isfile(source):
         with _quiet_open_clip():
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick)
+            model = open_clip.create_model(_open_clip_name(arch), pretrained=None, force_quick_gelu=quick)
         if source is not None:
             _warn_if_gelu_mismatch(arch, source, quick)
             _load_file(model, source)
