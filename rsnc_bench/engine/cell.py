@@ -236,10 +236,12 @@ def _configure(spec: CellSpec, entry: Registered, mconfig, tconfig: TrainConfig,
 
 
 def _evaluate_stage(method: Method, trainer: Trainer, outcome: TrainOutcome, test, chunk: int):
-    """Test metrics per scorer of the last epoch's weights and of the selected epoch's."""
-    last = evaluate(method, test, trainer.device, chunk)
+    """Test metrics of the last epoch's weights (the method's own scorer: ``test_last``) and, per
+    scorer, of the selected epoch's."""
     if outcome.selected_epoch == outcome.history[-1]["epoch"]:
-        return last, last
+        selected = evaluate(method, test, trainer.device, chunk)
+        return selected, selected
+    last = evaluate(method, test, trainer.device, chunk, method.scorers()[:1])
     trainer.load_selected()
     return last, evaluate(method, test, trainer.device, chunk)
 
