@@ -362,7 +362,7 @@ def ker_loss(head: KerHead, text_tokens: torch.Tensor, image_tokens: torch.Tenso
     if vocab is not None:
         index = torch.searchsorted(vocab, targets).clamp_max(len(vocab) - 1)
         if not bool((vocab[index] == targets).all()):
-            raise ConfigError("KER restricted vocabulary: a label is not among the vocabulary ids prepare() collected")
+            raise ConfigError("KER restricted vocabulary: a label is not among the vocabulary ids collected from the train captions")
         weight, bias, targets, workspace = weight[vocab], None if bias is None else bias[vocab], index, None
     return linear_cross_entropy(head.features(text_tokens, image_tokens, labelled), weight, bias, targets, workspace)
 
