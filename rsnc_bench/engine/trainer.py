@@ -41,6 +41,8 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.7
     grad_clip: float = 50.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (torch's default; CLIP's recipe, NPC and OSA use 0.98)
+    adam_eps: float = 1e-8  # AdamW's epsilon (CLIP's recipe, NPC and OSA: 1e-6)
     precision: str = "auto"  # auto: fp16 autocast + GradScaler on CUDA (the reference code's AMP), fp32 on CPU
     device: str = "auto"  # auto: cuda when available
     augment: bool = True  # RandomResizedCrop 0.9-1.0, no flip (methods.md 2.6)
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ConfigError(f"train option precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.epochs < 0 or self.batch_size < 2:
             raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise ConfigError(f"train option adam_beta2={self.adam_beta2}; give a number in (0, 1), e.g. adam_beta2=0.98")
         for name, low, strict in _RANGES:
             value = getattr(self, name)
             if not math.isfinite(value) or value < low or (strict and value == low):
@@ -62,7 +66,7 @@ class TrainConfig:
 
 # (field, lower bound, bound excluded): a NaN learning rate trained nothing, and eval_chunk=0 failed only after training
 _RANGES = (("lr", 0.0, True), ("warmup_steps", 0, False), ("weight_decay", 0.0, False), ("grad_clip", 0.0, True),
-           ("eval_chunk", 1, False), ("checkpoint_seconds", 0.0, False))
+           ("adam_eps", 0.0, True), ("eval_chunk", 1, False), ("checkpoint_seconds", 0.0, False))
 
 
 def plain_data(value):
@@ -79,12 +83,12 @@ def plain_data(value):
     return value
 
 
-def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW (default betas, eps 1e-8), fused where torch supports it (several times faster on CPU)."""
+def adamw(groups: list[dict], lr: float, beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW (beta1 0.9), fused where torch supports it (several times faster on CPU)."""
     try:
-        return torch.optim.AdamW(groups, lr=lr, eps=1e-8, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps)
 
 
 def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
@@ -168,7 +172,7 @@ class Trainer:
         if steps == 0:
             raise ConfigError(f"{len(self.rows)} train rows make no full batch of {cfg.batch_size}; lower batch_size")
         groups = param_groups(self.method, cfg.weight_decay, self.method.param_groups())
-        optimizer = adamw(groups, cfg.lr)
+        optimizer = adamw(groups, cfg.lr, cfg.adam_beta2, cfg.adam_eps)
         scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         order_gen = torch.Generator().manual_seed(self.seed)
         augment_gen = torch.Generator().manual_seed(self.seed + 1)
