@@ -69,6 +69,7 @@ class Batch:
     text: torch.Tensor  # [B, L] token ids
     rows: torch.Tensor  # [B] long
     image_ids: torch.Tensor  # [B] long
+    lr: float = 0.0  # the step's learning rate (after warm-up and schedule), for a method's own inner optimiser
 
 
 @dataclass
@@ -98,6 +99,9 @@ class EpochContext:
     captions: Sequence[str] = ()  # train captions in row order, as paired (noise included)
     tokenizer: Callable | None = None  # the backbone's
     signals: RowSignals = field(default_factory=lambda: RowSignals())
+    # any train rows (as paired) as a Batch on the device, images by the evaluation transform
+    # (no augmentation): a memory bank's entries, a pass over the train set
+    batch_of: Callable[[torch.Tensor], Batch] | None = None
 
 
 class Method(nn.Module):

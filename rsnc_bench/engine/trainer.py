@@ -157,6 +157,7 @@ class Trainer:
         self.seed, self.ckpt_dir, self.fingerprint, self.captions = seed, Path(ckpt_dir), fingerprint, captions
         self.on_epoch = on_epoch or (lambda scores, entry: None)
         self.signals = RowSignals()
+        self._plain = Preprocess(method.backbone, augment=False)  # for EpochContext.batch_of
         self.device = resolve_device(config.device)
         self.autocast, self.precision = autocast_for(self.device, config.precision)
         self.method.to(self.device)
@@ -186,12 +187,13 @@ class Trainer:
         for epoch in epochs:
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
-                                                 getattr(self.method.backbone, "tokenizer", None), self.signals))
+                                                 getattr(self.method.backbone, "tokenizer", None), self.signals, self._batch_of))
             started, losses, logs = time.perf_counter(), [], []
             batches = train_batches(self.train, self.rows, cfg.batch_size, order_gen)
             for rows, image_ids in bar(batches, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
                 lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
                 batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
+                batch.lr = lr
                 with self.autocast():
                     out = self.method.training_loss(batch)
                 if not torch.isfinite(out.loss):
@@ -260,6 +262,11 @@ class Trainer:
                 self.ckpt_dir.rmdir()
 
     # --- internals ----------------------------------------------------------------------
+    def _batch_of(self, rows: torch.Tensor):
+        """Train rows as a Batch, un-augmented (``EpochContext.batch_of``)."""
+        rows = torch.as_tensor(rows).cpu()
+        return make_batch(self.train, rows, self.train.img_of[rows], self._plain, self.device)
+
     def _validate(self):
         """Clean-val metrics of the method's own scorer (what selects the epoch)."""
         return own_metrics(evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.method.scorers()[:1]))
