@@ -24,15 +24,19 @@ class StepRunner:
         self.train = split_tensors(train, method.backbone, None, native=True)
         self.optimizer = adamw(param_groups(method, 0.1, method.param_groups()), 1e-5)
         method.train()
+        plain = Preprocess(method.backbone, augment=False)
+        batch_of = lambda rows: make_batch(self.train, torch.as_tensor(rows), self.train.img_of[torch.as_tensor(rows)], plain, torch.device("cpu"))  # noqa: E731
         method.start_epoch(EpochContext(1, 1, self.train.n_rows, self.train.n_rows // batch_size, torch.device("cpu"),
-                                        captions or (), getattr(method.backbone, "tokenizer", None)))
+                                        captions or (), getattr(method.backbone, "tokenizer", None), batch_of=batch_of))
         self.preprocess = Preprocess(method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
         self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
         self.batch_size, self.next = batch_size, 0
 
     def batch(self, index: int):
         rows, image_ids = self.batches[index % len(self.batches)]
-        return make_batch(self.train, rows, image_ids, self.preprocess, torch.device("cpu"))
+        batch = make_batch(self.train, rows, image_ids, self.preprocess, torch.device("cpu"))
+        batch.lr = 1e-5  # the optimiser's
+        return batch
 
     def step(self) -> None:
         self.next += 1

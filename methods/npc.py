@@ -1,0 +1,230 @@
+"""NPC, Negative Pre-aware Cross-modal matching (Zhang, Li, Ye; AAAI 2024; ZhangXu0963/NPC@823d781),
+on the harness (methods-npc-osa.md section 2).
+
+Before training, a memory bank is built once from the initial model (section 2.4): per-row InfoNCE
+losses in row order, a two-component Gaussian mixture on them, the "strict clean set" of rows
+whose lower-component posterior exceeds 0.9, and for every image and every row its nearest clean
+row (by image and by caption embedding). Each step (section 2.2):
+
+1. the memory batches P^I (each row's image entry) and P^T (its text entry) are scored with the
+   base model A: L_0, and, in the paper's objective, L_MB with gradient;
+2. a siamese copy A' <- A takes one AdamW step on the batch (its own optimiser, whose moments
+   persist across steps, section 2.5);
+3. the memory batches are scored again with A': L_1 (no gradient);
+4. r_i = 1/2 (L^I_0 / L^I_1 + L^T_0 / L^T_1); w_i = tanh(r_i) where r_i < 1, else 1;
+5. the base loss: ``objective="paper"`` (default, the paper's intent): mean_i w_i l_i + L_MB;
+   ``code_faithful=true``: the released code's mean(L_0) (no gradient) + mean(w) x mean(l)
+   (``main_NPC.py:183-184``).
+
+l_i is the symmetric per-pair InfoNCE under CLIP's learnable logit scale. Memory losses and r
+are computed in fp32. The Gaussian mixture is this module's own EM (sklearn is not a dependency):
+``GaussianMixture(2, max_iter=100, tol=1e-2, reg_covar=5e-4)`` of ``get_memorybank.py:51``,
+started at the quartiles instead of k-means (deterministic; the reference sets no seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsnc_bench.engine.retrieval import cosine
+from rsnc_bench.errors import ConfigError
+from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, Method, MethodConfig
+
+FALLBACK_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's, for a backbone without a learnable scale
+
+
+@dataclass(frozen=True)
+class NpcConfig(MethodConfig):
+    code_faithful: bool = False  # true: the released code's reduction (batch-mean weights, a gradient-free memory term)
+    clean_posterior: float = 0.9  # the strict clean set: lower-component posterior above this (get_memorybank.py:59)
+    bank_dot_product: bool = False  # true: the code's neighbours by dot product with un-normalised bank keys
+    bank_batch_size: int = 256  # rows per batch of the bank's loss pass (the reference's loader batch is unknown, section 2.11 item 11)
+    siamese_weight_decay: float = 0.2  # A''s AdamW, on every parameter as in the code (main_NPC.py:88)
+    siamese_beta2: float = 0.98
+    siamese_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.bank_batch_size < 2:
+            raise ConfigError(f"npc option bank_batch_size={self.bank_batch_size}; give at least 2, e.g. 256")
+        if not 0.0 < self.clean_posterior < 1.0:
+            raise ConfigError(f"npc option clean_posterior={self.clean_posterior}; give a number in (0, 1), e.g. 0.9")
+
+
+def confidence_weights(r: torch.Tensor) -> torch.Tensor:
+    """w = tanh(r) where r < 1, else 1 (main_NPC.py:181-182)."""
+    return torch.where(r < 1, torch.tanh(r), torch.ones_like(r))
+
+
+def impact_ratio(before_image, after_image, before_text, after_text) -> torch.Tensor:
+    """r = 1/2 (L^I_0 / L^I_1 + L^T_0 / L^T_1); a memory loss that falls to 0 gives r = inf (w = 1), never NaN."""
+    ratio = lambda before, after: torch.where(after > 0, before / after.clamp_min(1e-30), torch.full_like(before, math.inf))  # noqa: E731
+    return (ratio(before_image, after_image) + ratio(before_text, after_text)) / 2
+
+
+def npc_objective(losses: torch.Tensor, weights: torch.Tensor, memory: torch.Tensor, code_faithful: bool) -> torch.Tensor:
+    """The base loss from per-row batch losses l_i, weights w_i and per-row memory losses
+    (L^I + L^T): the paper's mean(w l) + mean(memory), or the code's mean(memory, detached) + mean(w) mean(l)."""
+    if code_faithful:
+        return memory.detach().mean() + weights.mean() * losses.mean()
+    return (weights * losses).mean() + memory.mean()
+
+
+def pair_losses(text: torch.Tensor, image: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """l_i = 1/2 (CE_i2t(i) + CE_t2i(i)) on exp(log_scale) x cosine, in fp32 (rows = texts)."""
+    logits = log_scale.float().exp() * cosine(text, image)
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+
+
+def lower_component_posterior(x: np.ndarray, max_iter: int = 100, tol: float = 1e-2, reg_covar: float = 5e-4) -> np.ndarray:
+    """Posterior of the lower-mean component of a two-component 1-D Gaussian mixture fitted by EM
+    (sklearn's defaults of get_memorybank.py:51; started at the quartiles)."""
+    x = np.asarray(x, dtype=np.float64)
+    mean, var, prior = np.quantile(x, [0.25, 0.75]), np.full(2, x.var() + reg_covar), np.full(2, 0.5)
+    previous = -math.inf
+
+    def responsibilities():
+        log_p = -0.5 * ((x[:, None] - mean) ** 2 / var + np.log(2 * math.pi * var)) + np.log(prior)
+        top = log_p.max(1, keepdims=True)
+        norm = top[:, 0] + np.log(np.exp(log_p - top).sum(1))
+        return np.exp(log_p - norm[:, None]), norm.mean()
+
+    for _ in range(max_iter):
+        resp, bound = responsibilities()
+        weight = resp.sum(0) + 10 * np.finfo(np.float64).eps
+        mean = (resp * x[:, None]).sum(0) / weight
+        var = (resp * (x[:, None] - mean) ** 2).sum(0) / weight + reg_covar
+        prior = weight / len(x)
+        if abs(bound - previous) < tol:
+            break
+        previous = bound
+    return responsibilities()[0][:, int(np.argmin(mean))]
+
+
+def nearest_clean(queries: torch.Tensor, keys: torch.Tensor, clean_rows: torch.Tensor, dot_product: bool) -> torch.Tensor:
+    """For each query, the clean row whose key is nearest: cosine, or (the code's) the normalised
+    query's dot product with the un-normalised key. Ties go to the lower row."""
+    q = F.normalize(queries.float(), dim=-1)
+    k = keys[clean_rows].float()
+    k = k if dot_product else F.normalize(k, dim=-1)
+    return clean_rows[(q @ k.T).argmax(1)]
+
+
+@METHODS.register("npc")
+class Npc(Method):
+    """NPC (AAAI 2024): a siamese look-ahead step weights each pair by its negative impact on a clean memory bank (paper objective)."""
+
+    config_type = NpcConfig
+    # the released recipe (README.md:195; params.py; main_NPC.py:84-190): AdamW (0.9, 0.98), eps 1e-6, clip 10, no augmentation
+    train_defaults = {"epochs": 5, "batch_size": 256, "lr": 2e-7, "warmup_steps": 500, "weight_decay": 0.2, "grad_clip": 10.0,
+                      "augment": False, "adam_beta2": 0.98, "adam_eps": 1e-6}
+
+    def __init__(self, backbone, config: NpcConfig | None = None):
+        super().__init__(backbone, config)
+        siamese = copy.deepcopy(backbone)
+        object.__setattr__(self, "siamese", siamese)  # not a submodule: the trainer neither steps nor saves it
+        cfg = self.config
+        self.siamese_optimizer = torch.optim.AdamW([p for p in siamese.parameters() if p.requires_grad], lr=0.0,
+                                                   betas=(0.9, cfg.siamese_beta2), eps=cfg.siamese_eps, weight_decay=cfg.siamese_weight_decay)
+        self.bank: dict[str, torch.Tensor] | None = None  # image_entry [n_images], text_entry [n_rows], clean_prob [n_rows]
+        self.batch_of = None
+
+    @staticmethod
+    def log_scale(encoder) -> torch.Tensor:
+        """CLIP's learnable log logit scale of ``encoder`` (the references' model.logit_scale), else ln 100, fixed."""
+        scale = getattr(getattr(encoder, "model", None), "logit_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else torch.tensor(FALLBACK_LOGIT_SCALE)
+
+    def losses(self, encoder, batch: Batch) -> torch.Tensor:
+        text, image = encoder.encode_text(batch.text).embedding, encoder.encode_image(batch.images).embedding
+        return pair_losses(text, image, self.log_scale(encoder).to(text.device))
+
+    # --- the memory bank (section 2.4) ---------------------------------------------------------
+    def start_epoch(self, ctx: EpochContext) -> None:
+        self.siamese.to(ctx.device)
+        self.batch_of = ctx.batch_of
+        if self.bank is None:
+            if ctx.batch_of is None:
+                raise ConfigError("npc needs the trainer's batch_of (any train rows as a batch) to build its memory bank")
+            self.bank = self.build_bank(ctx.batch_of, len(ctx.captions), self.config.bank_batch_size)
+
+    @torch.no_grad()
+    def build_bank(self, batch_of, n_rows: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Once, from the initial model in evaluation mode: losses in row order in batches of
+        ``batch_size``, the mixture's clean set, each image's and each row's nearest clean row."""
+        was_training = self.training
+        self.eval()
+        losses, texts, images, image_ids = [], [], [], []
+        try:
+            for start in range(0, n_rows, batch_size):
+                batch = batch_of(torch.arange(start, min(n_rows, start + batch_size)))
+                text = self.backbone.encode_text(batch.text).embedding.float()
+                image = self.backbone.encode_image(batch.images).embedding.float()
+                losses.append(pair_losses(text, image, self.log_scale(self.backbone)).cpu())
+                texts.append(text.cpu())
+                images.append(image.cpu())
+                image_ids.append(batch.image_ids.cpu())
+        finally:
+            self.train(was_training)
+        clean_prob = torch.from_numpy(lower_component_posterior(torch.cat(losses).numpy()))
+        clean_rows = torch.nonzero(clean_prob > self.config.clean_posterior).squeeze(1)
+        if not len(clean_rows):  # no row passes: the lower component's rows
+            clean_rows = torch.nonzero(clean_prob > 0.5).squeeze(1)
+        text, image, image_ids = torch.cat(texts), torch.cat(images), torch.cat(image_ids)
+        first_row = {int(g): i for i, g in reversed(list(enumerate(image_ids.tolist())))}  # each image's first row
+        image_rows = torch.tensor([first_row[g] for g in range(int(image_ids.max()) + 1)])
+        dot = self.config.bank_dot_product
+        return {"image_entry": nearest_clean(image[image_rows], image, clean_rows, dot),
+                "text_entry": nearest_clean(text, text, clean_rows, dot), "clean_prob": clean_prob}
+
+    # --- one step (section 2.2) -----------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> LossOutput:
+        if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
+            raise ConfigError("npc's siamese step runs its own backward, which fp16 would need a second GradScaler for: "
+                              "use -t precision=bf16 or precision=fp32")
+        cfg, bank = self.config, self.bank
+        memory_image = self.batch_of(bank["image_entry"][batch.image_ids.cpu()])
+        memory_text = self.batch_of(bank["text_entry"][batch.rows.cpu()])
+        with torch.autocast(batch.images.device.type, enabled=False):  # the memory losses and r in fp32
+            with torch.set_grad_enabled(not cfg.code_faithful):  # the paper's L_MB trains A; the code's is a constant
+                before_image, before_text = self.losses(self.backbone, memory_image), self.losses(self.backbone, memory_text)
+            self.look_ahead(batch)
+            with torch.no_grad():
+                after_image, after_text = self.losses(self.siamese, memory_image), self.losses(self.siamese, memory_text)
+            r = impact_ratio(before_image.detach(), after_image, before_text.detach(), after_text)
+        weights = confidence_weights(r)
+        losses = self.losses(self.backbone, batch)
+        loss = npc_objective(losses, weights, before_image + before_text, cfg.code_faithful)
+        logs = {"weight": weights.mean().item(), "negative_impact": (r < 1).float().mean().item(),
+                "memory_loss": (before_image + before_text).mean().item(), "logit_scale": self.log_scale(self.backbone).exp().item()}
+        # clean-ness signal (methods-npc-osa.md 2.6): r, flagged at r < 1; w and the mixture's clean posterior
+        others = {"weight": weights, "gmm_clean_prob": bank["clean_prob"][batch.rows.cpu()].to(r.device)}
+        return LossOutput(loss, r, r < 1, others, logs)
+
+    def look_ahead(self, batch: Batch) -> None:
+        """A' <- A, then one AdamW step of A' on the batch (the code's mean CE_i2t + mean CE_t2i, one backward)."""
+        with torch.no_grad():
+            for mine, base in zip(self.siamese.state_dict().values(), self.backbone.state_dict().values()):
+                mine.copy_(base)
+        # A''s mode follows A's, so that L_0 and L_1 differ by the step only (the reference's A' is in
+        # evaluation mode; attention's evaluation fast path rounds differently, which moves r off 1)
+        self.siamese.train(self.backbone.training)
+        for group in self.siamese_optimizer.param_groups:
+            group["lr"] = batch.lr
+        self.siamese_optimizer.zero_grad(set_to_none=True)
+        (2 * self.losses(self.siamese, batch).mean()).backward()
+        self.siamese_optimizer.step()
+
+    # Resume and best.pt carry the bank and the siamese optimiser's moments (its weights come from A each step).
+    def get_extra_state(self):
+        return {"bank": self.bank, "siamese_optimizer": self.siamese_optimizer.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.bank = None if state["bank"] is None else {name: values.cpu() for name, values in state["bank"].items()}
+        self.siamese_optimizer.load_state_dict(state["siamese_optimizer"])
