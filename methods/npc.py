@@ -34,9 +34,7 @@ import torch.nn.functional as F
 
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, Method, MethodConfig
-
-FALLBACK_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's, for a backbone without a learnable scale
+from rsnc_bench.methods import METHODS, REFERENCE_LOG_SCALE, Batch, EpochContext, LossOutput, Method, MethodConfig, learnable_log_scale
 
 
 @dataclass(frozen=True)
@@ -138,8 +136,8 @@ class Npc(Method):
     @staticmethod
     def log_scale(encoder) -> torch.Tensor:
         """CLIP's learnable log logit scale of ``encoder`` (the references' model.logit_scale), else ln 100, fixed."""
-        scale = getattr(getattr(encoder, "model", None), "logit_scale", None)
-        return scale if isinstance(scale, torch.Tensor) else torch.tensor(FALLBACK_LOGIT_SCALE)
+        scale = learnable_log_scale(encoder)
+        return scale if scale is not None else torch.tensor(REFERENCE_LOG_SCALE)
 
     def losses(self, encoder, batch: Batch) -> torch.Tensor:
         text, image = encoder.encode_text(batch.text).embedding, encoder.encode_image(batch.images).embedding

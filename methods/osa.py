@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.engine.scoring import full_precision
 from rsnc_bench.errors import ConfigError
-from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput, Method, MethodConfig
+from rsnc_bench.methods import METHODS, REFERENCE_LOG_SCALE, Batch, EpochContext, LossOutput, Method, MethodConfig, learnable_log_scale
 
 SCORINGS = ("code", "paper")
-REFERENCE_LOGIT_SCALE = math.log(100.0)  # OpenAI CLIP's, for a backbone without a learnable scale
 
 
 @dataclass(frozen=True)
@@ -107,13 +106,12 @@ class Osa(Method):
         super().__init__(backbone, config)
         estimator = copy.deepcopy(backbone).eval().requires_grad_(False)
         object.__setattr__(self, "estimator", estimator)  # not a submodule: no parameters, no state dict, never trained
-        model_scale = getattr(getattr(backbone, "model", None), "logit_scale", None)
         # CLIP's learnable log logit scale (the reference's model.logit_scale); its own when the backbone has none
-        self.own_logit_scale = None if isinstance(model_scale, torch.nn.Parameter) else torch.nn.Parameter(torch.tensor(REFERENCE_LOGIT_SCALE))
+        self.own_logit_scale = None if learnable_log_scale(backbone) is not None else torch.nn.Parameter(torch.tensor(REFERENCE_LOG_SCALE))
         self.beta: float | None = None if math.isnan(self.config.beta) else self.config.beta
 
     def logit_scale(self) -> torch.Tensor:
-        return self.own_logit_scale if self.own_logit_scale is not None else self.backbone.model.logit_scale
+        return self.own_logit_scale if self.own_logit_scale is not None else learnable_log_scale(self.backbone)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -26,6 +26,7 @@ its loss and its scorer. The harness never imports a method by name: the registr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -196,6 +197,16 @@ class _MethodRegistry(Registry):
 
 
 METHODS: _MethodRegistry = _MethodRegistry("method", entry_point_group="rsnc_bench.methods")
+
+
+REFERENCE_LOG_SCALE = math.log(100.0)  # OpenAI CLIP's initial log logit scale
+
+
+def learnable_log_scale(encoder) -> torch.nn.Parameter | None:
+    """CLIP's learnable log logit scale of ``encoder`` (open_clip's ``model.logit_scale``), trained
+    with the backbone; None when the encoder has none (then a method keeps its own)."""
+    scale = getattr(getattr(encoder, "model", None), "logit_scale", None)
+    return scale if isinstance(scale, torch.nn.Parameter) else None
 
 
 def info_nce(text: torch.Tensor, image: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
