@@ -119,9 +119,10 @@ class Npc(Method):
     """NPC (AAAI 2024): a siamese look-ahead step weights each pair by its negative impact on a clean memory bank (paper objective)."""
 
     config_type = NpcConfig
-    # the released recipe (README.md:195; params.py; main_NPC.py:84-190): AdamW (0.9, 0.98), eps 1e-6, clip 10, no augmentation
+    # the released recipe (README.md:195; params.py; main_NPC.py:84-190): AdamW (0.9, 0.98), eps 1e-6, clip 10, no
+    # augmentation; bf16 autocast on a GPU (the siamese backward has no GradScaler for fp16; fp32 on the CPU either way)
     train_defaults = {"epochs": 5, "batch_size": 256, "lr": 2e-7, "warmup_steps": 500, "weight_decay": 0.2, "grad_clip": 10.0,
-                      "augment": False, "adam_beta2": 0.98, "adam_eps": 1e-6}
+                      "augment": False, "adam_beta2": 0.98, "adam_eps": 1e-6, "precision": "bf16"}
 
     def __init__(self, backbone, config: NpcConfig | None = None):
         super().__init__(backbone, config)
