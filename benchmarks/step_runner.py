@@ -11,6 +11,7 @@ import torch
 
 from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
 from rsnc_bench.engine.optim import param_groups
+from rsnc_bench.engine.signals import RowSignals, record_signals
 from rsnc_bench.engine.trainer import adamw
 from rsnc_bench.methods import EpochContext, Method
 
@@ -31,6 +32,8 @@ class StepRunner:
         self.preprocess = Preprocess(method.backbone, augment=True, generator=torch.Generator().manual_seed(seed + 1))
         self.batches = list(train_batches(self.train, np.arange(self.train.n_rows), batch_size, torch.Generator().manual_seed(seed)))
         self.batch_size, self.next = batch_size, 0
+        self.signals = RowSignals(n_rows=self.train.n_rows)
+        self.times = {"data": 0.0, "model": 0.0, "bookkeeping": 0.0}  # seconds, summed over the steps taken
 
     def batch(self, index: int):
         rows, image_ids = self.batches[index % len(self.batches)]
@@ -39,13 +42,23 @@ class StepRunner:
         return batch
 
     def step(self) -> None:
+        """One step as the trainer takes it: the batch (data), the loss, backward, clipping and the
+        optimiser (model), the per-row signals and the logged numbers (bookkeeping), each timed."""
         self.next += 1
-        out = self.method.training_loss(self.batch(self.next - 1))
+        started = time.perf_counter()
+        batch = self.batch(self.next - 1)
+        data = time.perf_counter()
+        out = self.method.training_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
         self.optimizer.step()
+        model = time.perf_counter()
+        record_signals(self.signals, batch.rows, out)
         out.loss.item()
+        self.times["data"] += data - started
+        self.times["model"] += model - data
+        self.times["bookkeeping"] += time.perf_counter() - model
 
     def seconds(self, steps: int) -> float:
         start = time.perf_counter()

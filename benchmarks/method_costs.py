@@ -1,0 +1,88 @@
+"""Every registered method's training-step cost against clip-ft's, and the share of a step spent
+outside the model (issue 18, benchmark 3), as ratios measured in one run.
+
+    python benchmarks/method_costs.py                  # tiny-b32 (the CPU preset's architecture), batch 64, 1 thread
+
+Each method trains on the built-in synthetic dataset with the harness's step (``StepRunner``):
+the batch (crops and normalisation: data), the method's loss, backward, clipping and fused AdamW
+(model), the per-row clean-ness signals and the logged loss (bookkeeping). Methods take turns,
+``--steps`` steps a round, so load from other processes hits all alike; a method's step time is
+its best round's mean. Targets: every method within 3x clip-ft's step; data and bookkeeping under
+10 % of a step. The table goes to stdout and ``benchmarks/results/method_costs.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from ebaker_speed import make_runner  # benchmarks/, on sys.path when a script here runs
+
+from rsnc_bench.config import parse_assignments
+from rsnc_bench.data.datasets import DATASETS, get_dataset
+from rsnc_bench.methods import METHODS
+
+BASELINE = "clip-ft"
+STEP_TARGET, OUTSIDE_TARGET = 3.0, 0.10
+RESULTS = Path(__file__).with_name("results") / "method_costs.json"
+
+
+def trained_methods() -> list[str]:
+    """Every registered method that trains, once (data variants such as the oracle train as their class)."""
+    names = []
+    for name in METHODS.names():
+        entry = METHODS.entry(name)
+        if entry.rows == "all" and entry.cls.capabilities.trains and not name.startswith("test-"):
+            names.append(name)
+    return [BASELINE] + [n for n in names if n != BASELINE]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tiny-b32")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-train", type=int, default=200, help="synthetic train images (5 captions each)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="0: torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = get_dataset("synthetic", **parse_assignments(DATASETS.get("synthetic").Options, [f"n_train={args.n_train}"]))
+    train = dataset.load(tempfile.mkdtemp(prefix="rsnc-method-costs-"))["train"]
+    names = trained_methods()
+    runners = {name: make_runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
+    for runner in runners.values():  # warm-up: first-touch allocations, thread pools
+        runner.seconds(1)
+        runner.times = dict.fromkeys(runner.times, 0.0)
+    best: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            best[name] = min(best.get(name, float("inf")), runner.seconds(args.steps) / args.steps)
+    rows = []
+    for name, runner in runners.items():
+        total = sum(runner.times.values())
+        outside = (runner.times["data"] + runner.times["bookkeeping"]) / total
+        ratio = best[name] / best[BASELINE]
+        rows.append({"method": name, "step_ms": 1000 * best[name], "x_clip_ft": ratio, "step_target_met": ratio <= STEP_TARGET,
+                     "data_share": runner.times["data"] / total, "bookkeeping_share": runner.times["bookkeeping"] / total,
+                     "outside_share": outside, "outside_target_met": outside < OUTSIDE_TARGET})
+    setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "backbone": args.backbone, "batch_size": args.batch_size,
+             "steps": args.steps, "rounds": args.rounds}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"setup": setup, "targets": {"step_x_clip_ft": STEP_TARGET, "outside_share": OUTSIDE_TARGET},
+                                   "methods": rows}, indent=2) + "\n")
+    print(f"{setup}\n")
+    print(f"| method | step ms | x {BASELINE} (target <= {STEP_TARGET:g}) | data | bookkeeping | outside the model (target < {OUTSIDE_TARGET:.0%}) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_ms']:.0f} | {r['x_clip_ft']:.2f} {'met' if r['step_target_met'] else 'MISSED'} | "
+              f"{r['data_share']:.1%} | {r['bookkeeping_share']:.1%} | {r['outside_share']:.1%} {'met' if r['outside_target_met'] else 'MISSED'} |")
+    print(f"\nwritten: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
