@@ -99,7 +99,7 @@ class EpochContext:
     device: torch.device
     captions: Sequence[str] = ()  # train captions in row order, as paired (noise included)
     tokenizer: Callable | None = None  # the backbone's
-    signals: RowSignals = field(default_factory=lambda: RowSignals())
+    signals: RowSignals = field(default_factory=RowSignals)
     # any train rows (as paired) as a Batch on the device, images by the evaluation transform
     # (no augmentation): a memory bank's entries, a pass over the train set
     batch_of: Callable[[torch.Tensor], Batch] | None = None

@@ -91,9 +91,8 @@ class ResultRecord:
         """The one loader: a result document (any readable schema) as a record."""
         key = validate(doc)
         upgraded = _upgrade(doc)
-        history = [entry for entry in upgraded.get("history") or [] if isinstance(entry, dict)] \
-            if isinstance(upgraded.get("history"), list) else []
-        selected = upgraded.get("selected_epoch")
+        history = [entry for entry in doc.get("history") or [] if isinstance(entry, dict)] if isinstance(doc.get("history"), list) else []
+        selected = doc.get("selected_epoch")
         return cls(
             key=key, status=doc["status"], error=_text(doc.get("error")), traceback=_text(doc.get("traceback")),
             config=_mapping(doc.get("config")), noise=_mapping(doc.get("noise")), environment=_mapping(doc.get("environment")),

@@ -36,9 +36,9 @@ class RowSignals:
     ``n_rows`` long (``ensure``; the rows never seen keep NaN), written by row index, saved in
     checkpoints through ``state`` / ``load``."""
 
-    def __init__(self, *names: str, n_rows: int = 0):
+    def __init__(self, n_rows: int = 0):
         self.n_rows = n_rows
-        self.values = {name: torch.full((n_rows,), math.nan, dtype=torch.float64) for name in names}
+        self.values: dict[str, torch.Tensor] = {}  # name -> [n_rows], created when first recorded
 
     def __len__(self) -> int:
         return max([self.n_rows, *(len(v) for v in self.values.values())])
