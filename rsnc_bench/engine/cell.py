@@ -213,18 +213,18 @@ def _data_stage(spec: CellSpec, store: ResultStore) -> CellData:
     return CellData(label, data, manifest, path, manifest.apply(data["train"]))
 
 
-def _method_stage(spec: CellSpec, entry: Registered, config) -> Method:
+def _method_stage(spec: CellSpec) -> Method:
     """The method on a freshly built backbone: random-init towers and heads depend on the training seed only."""
     torch.manual_seed(spec.key.train_seed)
     np.random.seed(spec.key.train_seed)
-    return entry.cls(build_backbone(spec.backbone), config)
+    return spec.method.cls(build_backbone(spec.backbone), spec.method_config)
 
 
-def _configure(spec: CellSpec, entry: Registered, mconfig, tconfig: TrainConfig, cell: CellData, record: ResultRecord) -> None:
+def _configure(spec: CellSpec, tconfig: TrainConfig, cell: CellData, record: ResultRecord) -> None:
     """What the record says the cell ran with: configs, their sources, data, noise, environment."""
     data, manifest = cell.data, cell.manifest
     record.config = {
-        "method": {"name": spec.key.method, **asdict(mconfig)}, "capabilities": entry.record(),
+        "method": {"name": spec.key.method, **asdict(spec.method_config)}, "capabilities": spec.method.record(),
         "train": asdict(tconfig), "train_sources": spec.train_layers,
         "backbone": asdict(spec.backbone),
         "dataset": {"name": spec.key.dataset, "root": str(data.root), "layout": data.layout, "options": list(spec.dataset_options),
@@ -261,21 +261,20 @@ def _assemble_stage(record: ResultRecord, outcome: TrainOutcome, last: dict, sel
 def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | None, record: ResultRecord) -> Trainer:
     """The cell's stages (data, method, train, evaluate, assemble), filling ``record``; returns the
     trainer, whose resume state the caller clears once the record is written."""
-    key = spec.key
-    entry, mconfig, tconfig = spec.method, spec.method_config, spec.train_config
+    key, tconfig = spec.key, spec.train_config
     if device_name:
         tconfig = dataclasses.replace(tconfig, device=device_name)
     cell = _data_stage(spec, store)
-    _configure(spec, entry, mconfig, tconfig, cell, record)
+    _configure(spec, tconfig, cell, record)
 
-    method = _method_stage(spec, entry, mconfig)
+    method = _method_stage(spec)
     if method.backbone.provenance:
         record.config["backbone_weights"] = method.backbone.provenance
     cache = _image_cache(store, cell.label)
     train = split_tensors(cell.train_split, method.backbone, cache, native=True)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache) for s in (cell.data["val"], cell.data["test"]))
     clean = cell.manifest.clean
-    rows = TRAIN_ROWS[entry.rows](clean)  # a data variant (the oracle) trains on the clean rows only
+    rows = TRAIN_ROWS[spec.method.rows](clean)  # a data variant (the oracle) trains on the clean rows only
     record.noise["train_rows_used"] = int(len(rows))
 
     def record_detection(scores: PairScores | None, epoch: dict) -> None:
