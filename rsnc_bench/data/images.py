@@ -11,7 +11,8 @@ these uint8 tensors later.
 With a cache folder, a split's images are decoded once into one uint8 array file
 (N x size x size x 3) that later epochs and grid cells memory-map instead of decoding
 JPEG / TIF again. The file's name carries a hash of the image paths, sizes and modification
-times and of the target size, so a changed image or size builds a new file.
+times and of the target size, so a changed image or size builds a new file. A split too large
+for memory is read from that file batch by batch (``MappedImages``) instead of being copied in.
 """
 
 from __future__ import annotations
@@ -132,6 +133,18 @@ class SplitImages:
             pixels = self._load(index)
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
+    @property
+    def nbytes(self) -> int:
+        """The decoded split's size in bytes (what ``stacked`` would hold in memory)."""
+        height, width = (self.size, self.size) if self.size is not None else self._canvas()
+        return self.split.n_images * height * width * 3
+
+    def mapped(self) -> MappedImages:
+        """The split read from its cache file on demand (needs ``cache_dir``)."""
+        if self._array is None:
+            raise ValueError("SplitImages.mapped needs a cache_dir: the images are read from the cache file")
+        return MappedImages(self._array)
+
     def stacked(self) -> torch.Tensor:
         """Every image of the split in one uint8 tensor [N, 3, size, size] (or [N, 3, H, W], the canvas)."""
         if self._array is not None:
@@ -169,3 +182,29 @@ class SplitImages:
             finally:
                 tmp.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r")
+
+
+class MappedImages:
+    """A split's images left in their memory-mapped cache file ([N, H, W, 3] uint8) and read on
+    demand: indexed like the in-memory tensor (``images[ids]``, ``images[a:b]``) it returns uint8
+    [B, 3, H, W] tensors, so a split larger than memory trains and evaluates batch by batch. The
+    pages a batch touches come from the page cache once they have been read."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, height, width, channels = self.array.shape
+        return n, channels, height, width
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            pixels = np.array(self.array[index])  # out of the read-only map
+        else:
+            index = index.cpu().numpy() if torch.is_tensor(index) else np.asarray(index)
+            pixels = np.take(self.array, index, axis=0)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2)

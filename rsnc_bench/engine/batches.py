@@ -1,8 +1,10 @@
-"""Split data as tensors for training and evaluation: images in memory, captions tokenised once."""
+"""Split data as tensors for training and evaluation: images in memory (or memory-mapped from the
+image cache when a split is too large), captions tokenised once."""
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import numpy as np
 import torch
 
 from rsnc_bench.backbones import DualEncoder
-from rsnc_bench.data.images import SplitImages
+from rsnc_bench.data.images import MappedImages, SplitImages
 from rsnc_bench.data.split import Split
+from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import Batch
 
 
@@ -20,9 +23,10 @@ class SplitTensors:
     """A split ready for the model: uint8 images [N_img, 3, H, W], token ids [N_rows, L], and
     the image of each caption row. Evaluation splits hold images at the model size; a training
     split holds them at native resolution on a common canvas, with each image's true
-    (height, width) in ``sizes`` [N_img, 2]."""
+    (height, width) in ``sizes`` [N_img, 2]. ``images`` is a tensor, or ``MappedImages`` read from
+    the cache file batch by batch (indexed alike)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | MappedImages
     text: torch.Tensor
     img_of: torch.Tensor
     sizes: torch.Tensor | None = None
@@ -32,12 +36,44 @@ class SplitTensors:
         return len(self.text)
 
 
-def split_tensors(split: Split, backbone: DualEncoder, cache_dir: Path | None = None, native: bool = False) -> SplitTensors:
-    """``native``: keep the images' own resolution (a training split, cropped per batch by Preprocess)."""
+IN_MEMORY_SHARE = 0.25  # images="auto" holds a split in memory when it takes at most this share of the available memory
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# Where a split's decoded images live while a cell runs (TrainConfig.images): given the loader and
+# whether it has a cache file, True to hold them in memory, False to read them from the file.
+IMAGE_STORAGE = {
+    "memory": lambda loader, cached: True,
+    "disk": lambda loader, cached: False,
+    "auto": lambda loader, cached: not cached or loader.nbytes <= IN_MEMORY_SHARE * available_memory(),
+}
+
+
+def split_tensors(split: Split, backbone: DualEncoder, cache_dir: Path | None = None, native: bool = False,
+                  images: str = "memory") -> SplitTensors:
+    """``native``: keep the images' own resolution (a training split, cropped per batch by Preprocess).
+    ``images``: a key of ``IMAGE_STORAGE``; "disk" and a large split under "auto" are read from the
+    memory-mapped cache in ``cache_dir`` instead of being copied into memory."""
+    if images not in IMAGE_STORAGE:
+        raise ConfigError(f"images={images!r}; choose one of {', '.join(IMAGE_STORAGE)}")
+    if images == "disk" and cache_dir is None:
+        raise ConfigError("images='disk' reads the decoded images from the image cache, and this run has none; use images=memory")
     loader = SplitImages(split, None if native else backbone.image_size, cache_dir=cache_dir)
+    pixels = loader.stacked() if IMAGE_STORAGE[images](loader, cache_dir is not None) else loader.mapped()
     text = backbone.tokenize(list(split.captions))
     sizes = torch.from_numpy(loader.sizes()) if native else None
-    return SplitTensors(loader.stacked(), text, torch.tensor(np.asarray(split.img_of), dtype=torch.long), sizes)
+    return SplitTensors(pixels, text, torch.tensor(np.asarray(split.img_of), dtype=torch.long), sizes)
 
 
 def bicubic_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:
@@ -146,10 +182,14 @@ def train_batches(data: SplitTensors, rows: np.ndarray, batch_size: int, generat
 
 
 def make_batch(data: SplitTensors, rows: torch.Tensor, image_ids: torch.Tensor, preprocess: Preprocess, device: torch.device) -> Batch:
+    """The batch on ``device``; on CUDA the images and tokens are copied from pinned memory without blocking."""
     sizes = None if data.sizes is None else data.sizes[image_ids]
+    images, text = data.images[image_ids], data.text[rows]
+    if device.type == "cuda":
+        images, text = images.pin_memory(), text.pin_memory()
     return Batch(
-        images=preprocess(data.images[image_ids], device, sizes),
-        text=data.text[rows].to(device, non_blocking=True),
+        images=preprocess(images, device, sizes),
+        text=text.to(device, non_blocking=True),
         rows=rows.to(device),
         image_ids=image_ids.to(device),
     )

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rsnc_bench.engine.batches import Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
+from rsnc_bench.engine.batches import IMAGE_STORAGE, Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
 from rsnc_bench.engine.evaluate import evaluate, own_metrics
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
+from rsnc_bench.engine.prefetch import prefetched
 from rsnc_bench.engine.signals import PairScores, RowSignals, pair_scores, record_signals
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import EpochContext, Method
@@ -49,12 +50,18 @@ class TrainConfig:
     eval_chunk: int = 1024
     keep_checkpoints: bool = False  # keep best.pt after the cell completes
     checkpoint_seconds: float = 30.0  # write the resume checkpoint after an epoch once this long has passed since the last (0: every epoch)
+    images: str = "auto"  # memory | disk | auto: hold decoded splits in memory, or read them from the memory-mapped image cache
+    prefetch: int = 2  # batches a background worker builds ahead of the training step (0: built inline)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train option precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.epochs < 0 or self.batch_size < 2:
             raise ConfigError("train options need epochs >= 0 and batch_size >= 2")
+        if self.images not in IMAGE_STORAGE:
+            raise ConfigError(f"train option images={self.images!r}; choose one of {', '.join(IMAGE_STORAGE)}")
+        if self.prefetch < 0:
+            raise ConfigError(f"train option prefetch={self.prefetch}; give 0 (build batches inline) or more, e.g. prefetch=2")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"train option adam_beta2={self.adam_beta2}; give a number in (0, 1), e.g. adam_beta2=0.98")
         for name, low, strict in _RANGES:
@@ -189,31 +196,17 @@ class Trainer:
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
                                                  getattr(self.method.backbone, "tokenizer", None), self.signals, self._batch_of))
             started, losses, logs = time.perf_counter(), [], []
-            batches = train_batches(self.train, self.rows, cfg.batch_size, order_gen)
-            for rows, image_ids in bar(batches, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False):
-                lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
-                batch = make_batch(self.train, rows, image_ids, preprocess, self.device)
-                batch.lr = lr
-                with self.autocast():
-                    out = self.method.training_loss(batch)
-                if not torch.isfinite(out.loss):
-                    raise Diverged(f"the loss became {out.loss.item()} at epoch {epoch}, step {state['step'] + 1}; lower lr or use precision=fp32")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                record_signals(self.signals, batch.rows, out)
-                losses.append(out.loss.item())
-                logs.append(out.logs)
-                state["step"] += 1
+            built = (make_batch(self.train, rows, image_ids, preprocess, self.device)
+                     for rows, image_ids in train_batches(self.train, self.rows, cfg.batch_size, order_gen))
+            with contextlib.closing(prefetched(built, cfg.prefetch)) as stream:
+                waited, lr = self._train_epoch(stream, epoch, steps, total, state, optimizer, scaler, losses, logs)
             seconds = time.perf_counter() - started
             state["train_seconds"] += seconds
             state["samples"] += steps * cfg.batch_size
             val = self._validate()
             scores = pair_scores(self.signals)
-            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "val": val.as_dict(), "logs": _mean_logs(logs)}
+            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds,
+                     "data_seconds": waited, "val": val.as_dict(), "logs": _mean_logs(logs)}
             self.on_epoch(scores, entry)
             state["history"].append(entry)
             if val.mr > state["best_mr"]:
@@ -262,6 +255,33 @@ class Trainer:
                 self.ckpt_dir.rmdir()
 
     # --- internals ----------------------------------------------------------------------
+    def _train_epoch(self, stream, epoch: int, steps: int, total: int, state: dict, optimizer, scaler,
+                     losses: list, logs: list) -> tuple[float, float]:
+        """One epoch's steps over the batches of ``stream``: (seconds spent waiting for batches, the last step's lr)."""
+        cfg, waited, lr = self.config, 0.0, 0.0
+        batches = iter(bar(stream, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False))
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                return waited, lr
+            lr = batch.lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
+            with self.autocast():
+                out = self.method.training_loss(batch)
+            if not torch.isfinite(out.loss):
+                raise Diverged(f"the loss became {out.loss.item()} at epoch {epoch}, step {state['step'] + 1}; lower lr or use precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            record_signals(self.signals, batch.rows, out)
+            losses.append(out.loss.item())
+            logs.append(out.logs)
+            state["step"] += 1
+
     def _batch_of(self, rows: torch.Tensor):
         """Train rows as a Batch, un-augmented (``EpochContext.batch_of``)."""
         rows = torch.as_tensor(rows).cpu()
