@@ -92,3 +92,41 @@ def test_disk_images_and_prefetching_give_the_numbers_of_the_in_memory_inline_pa
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "data_seconds")} for e in h]  # noqa: E731
     assert strip(inline["history"]) == strip(streamed["history"])
     assert all(0 <= e["data_seconds"] <= e["seconds"] for e in streamed["history"])
+
+
+def test_a_zeroshot_grid_encodes_each_split_once_and_reports_the_same_numbers(tmp_path, synthetic_root, monkeypatch):
+    from rsnc_bench.engine import evaluate as evaluate_module
+
+    calls = []
+    real = evaluate_module.encode_split
+    monkeypatch.setattr(evaluate_module, "encode_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    options = tuple(f"{k}={v}" for k, v in TINY_SYNTHETIC.items())
+    store = ResultStore(tmp_path)
+    docs = [run_cell(CellSpec(CellKey("zeroshot", "synthetic", "tiny-vit", "shuffle", rate, 0, 1), data_root=str(synthetic_root),
+                              dataset_options=options), store) for rate in (0.0, 0.2, 0.4)]
+    assert [d["status"] for d in docs] == ["complete"] * 3
+    assert len(calls) == 2  # val and test, once each, for three cells
+    assert len(list((store.root / "cache").glob("*/embeddings/*.pt"))) == 2
+    assert docs[0]["test"] == docs[1]["test"] == docs[2]["test"] and docs[0]["val"] == docs[2]["val"]
+    fresh = run_cell(CellSpec(CellKey("zeroshot", "synthetic", "tiny-vit", "shuffle", 0.4, 0, 1), data_root=str(synthetic_root),
+                              dataset_options=options), ResultStore(tmp_path / "fresh"))
+    assert fresh["test"] == docs[2]["test"] and fresh["val"] == docs[2]["val"]  # what the cache returned is what encoding gives
+
+
+def test_the_encoding_key_changes_with_weights_preprocessing_and_data(synthetic):
+    from rsnc_bench.engine.embedding_cache import encoding_key
+    from rsnc_bench.methods import METHODS
+
+    method = METHODS.get("zeroshot")(build_backbone(BackboneConfig("tiny-vit")))
+    data = split_tensors(synthetic["test"], method.backbone)
+    key = encoding_key(method, data.images, data.text, "fp32")
+    assert encoding_key(method, data.images, data.text, "fp32") == key
+    assert encoding_key(method, data.images[:-1], data.text, "fp32") != key  # data
+    assert encoding_key(method, data.images, data.text.flip(0), "fp32") != key
+    assert encoding_key(method, data.images, data.text, "bf16") != key  # precision
+    method.backbone.mean = (0.5, 0.5, 0.5)
+    moved = encoding_key(method, data.images, data.text, "fp32")
+    assert moved != key  # preprocessing
+    with torch.no_grad():
+        next(method.parameters()).add_(1e-3)
+    assert encoding_key(method, data.images, data.text, "fp32") != moved  # weights

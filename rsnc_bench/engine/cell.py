@@ -27,6 +27,7 @@ from rsnc_bench.data.images import SplitImages
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
+from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.signals import PairScores
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, TrainOutcome, resolve_device
@@ -239,7 +240,7 @@ def _evaluate_stage(method: Method, trainer: Trainer, outcome: TrainOutcome, tes
     """Test metrics of the last epoch's weights (the method's own scorer: ``test_last``) and, per
     scorer, of the selected epoch's."""
     if outcome.selected_epoch == outcome.history[-1]["epoch"]:
-        selected = evaluate(method, test, trainer.device, chunk)
+        selected = evaluate(method, test, trainer.device, chunk, cache=trainer.embeddings)
         return selected, selected
     last = evaluate(method, test, trainer.device, chunk, method.scorers()[:1])
     trainer.load_selected()
@@ -285,7 +286,7 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
 
     fingerprint = _fingerprint(record.config, record.noise["manifest_hash"], key.as_dict())
     trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection,
-                      captions=cell.train_split.captions)
+                      captions=cell.train_split.captions, embeddings=EmbeddingCache(cache / "embeddings"))
     outcome = trainer.fit()
 
     eval_started = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 
 from rsnc_bench.backbones import Features
 from rsnc_bench.engine.batches import Preprocess, SplitTensors
+from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.retrieval import Reranked, RetrievalMetrics, grouped_recall, grouped_recall_reranked
 from rsnc_bench.engine.scoring import EncodedSplit, Scorer, full_precision
 from rsnc_bench.methods import Method
@@ -43,14 +44,16 @@ def encode_split(method: Method, data: SplitTensors, device: torch.device, batch
 
 @torch.no_grad()
 def evaluate(method: Method, data: SplitTensors, device: torch.device, chunk: int = 1024,
-             scorers: list[Scorer] | None = None) -> dict[str, RetrievalMetrics]:
+             scorers: list[Scorer] | None = None, cache: EmbeddingCache | None = None) -> dict[str, RetrievalMetrics]:
     """Metrics per scorer tag, in the order of ``scorers`` (default: the method's own), in fp32.
-    The first is the method's own row."""
+    The first is the method's own row. With a ``cache``, a method that does not train encodes a
+    split once across cells."""
     scorers = method.scorers() if scorers is None else scorers
     was_training = method.training
     method.eval()
     try:
-        texts, images = encode_split(method, data, device)
+        encode = lambda: encode_split(method, data, device)  # noqa: E731
+        texts, images = encode() if cache is None else cache.encoded(method, data.images, data.text, device, EVAL_PRECISION, encode)
         split = EncodedSplit(method, texts, images, chunk, keep=len(scorers) > 1)
         img_of = data.img_of.numpy()
         out = {}

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsnc_bench.engine.batches import IMAGE_STORAGE, Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
+from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import evaluate, own_metrics
 from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.engine.prefetch import prefetched
@@ -154,13 +155,15 @@ class Trainer:
     The clean-ness signals the losses hand back (``LossOutput.clean`` ...) are kept per train
     row in ``signals``, saved with the weights, and given to ``on_epoch(scores, entry)``, which
     lets the caller add per-epoch records (detection metrics). ``captions`` (the train rows') and
-    the backbone's tokenizer reach the method through ``EpochContext``.
+    the backbone's tokenizer reach the method through ``EpochContext``. ``embeddings`` lets a method
+    that does not train reuse its encoded val split across cells.
     """
 
     def __init__(self, method: Method, config: TrainConfig, train: SplitTensors, rows: np.ndarray, val: SplitTensors,
                  seed: int, ckpt_dir: Path, fingerprint: str, on_epoch: Callable[[PairScores | None, dict], None] | None = None,
-                 captions: Sequence[str] = ()):
+                 captions: Sequence[str] = (), embeddings: EmbeddingCache | None = None):
         self.method, self.config, self.train, self.rows, self.val = method, config, train, rows, val
+        self.embeddings = embeddings
         self.seed, self.ckpt_dir, self.fingerprint, self.captions = seed, Path(ckpt_dir), fingerprint, captions
         self.on_epoch = on_epoch or (lambda scores, entry: None)
         self.signals = RowSignals()
@@ -289,7 +292,7 @@ class Trainer:
 
     def _validate(self):
         """Clean-val metrics of the method's own scorer (what selects the epoch)."""
-        return own_metrics(evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.method.scorers()[:1]))
+        return own_metrics(evaluate(self.method, self.val, self.device, self.config.eval_chunk, self.method.scorers()[:1], self.embeddings))
 
     def _evaluate_only(self) -> TrainOutcome:
         val = self._validate()
