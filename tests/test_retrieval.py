@@ -114,3 +114,20 @@ def test_t2i_ceiling_by_hand():
     ceiling = t2i_ceiling(captions, img_of)
     assert ceiling["t2i_r1"] == pytest.approx(100 * 4 / 6)
     assert ceiling["t2i_r5"] == pytest.approx(100.0)
+
+
+def test_a_large_gallery_is_scored_in_fewer_rows_per_block_with_the_same_recalls(monkeypatch):
+    """Blocks stay within the entry budget (flat memory as the gallery grows) and give the same numbers."""
+    import rsnc_bench.engine.retrieval as retrieval
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(40, 8, generator=g)
+    img_of = torch.arange(40).repeat_interleave(5)
+    texts = images[img_of] + torch.randn(200, 8, generator=g)
+    whole = retrieval.grouped_recall(retrieval.cosine(texts, images), img_of.numpy(), chunk=1024)
+    monkeypatch.setattr(retrieval, "ENTRY_BUDGET", 7 * 40)
+    assert retrieval.block_rows(1024, 40) == 7 and retrieval.block_rows(3, 40) == 3 and retrieval.block_rows(1024, 10**6) == 1
+    blocks = list(retrieval.cosine_blocks(texts, images, 1024))
+    assert max(len(b) for b in blocks) == 7 and sum(len(b) for b in blocks) == 200
+    assert retrieval.grouped_recall(iter(blocks), img_of.numpy(), chunk=1024) == whole
+    assert [len(b) for b in retrieval.matrix_blocks(retrieval.cosine(texts, images), 1024)][:2] == [7, 7]

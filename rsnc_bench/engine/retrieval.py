@@ -12,9 +12,10 @@ Tie rule: equal scores rank by position, the lower index first, as a stable sort
 Duplicate captions produce exact ties, so the rule is part of the protocol; with no ties the
 numbers equal clip_benchmark's ``recall_at_k``.
 
-Memory is bounded by the chunk: scores arrive as blocks of consecutive caption rows
-(``chunk x n_images``), either sliced from a matrix or produced by a method's scorer, and
-image->text keeps only a running top-K per image.
+Memory is bounded by the block: scores arrive as blocks of consecutive caption rows (``chunk``
+rows x n_images, fewer rows when the gallery passes 8,192 images, so that a block stays within
+``ENTRY_BUDGET`` entries: ``block_rows``), either sliced from a matrix or produced by a method's
+scorer, and image->text keeps only a running top-K per image.
 
 A re-ranker that re-sorts both directions (SAR) returns a ``Reranked`` pair of matrices, one
 per direction; ``grouped_recall_reranked`` reads each direction from its own matrix.
@@ -73,11 +74,21 @@ class Reranked:
     i2t: torch.Tensor
 
 
+ENTRY_BUDGET = DEFAULT_CHUNK * 8192  # score entries a block holds at most (32 MB in fp32): flat memory for large galleries
+
+
+def block_rows(chunk: int, n_images: int) -> int:
+    """Caption rows per score block: ``chunk``, or fewer when ``chunk`` rows of ``n_images`` scores
+    would pass ``ENTRY_BUDGET`` (every split up to 8,192 images keeps the default chunk)."""
+    return max(1, min(chunk, ENTRY_BUDGET // max(1, n_images)))
+
+
 def matrix_blocks(scores: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK) -> Iterator[torch.Tensor]:
     """Blocks of consecutive caption rows of a full score matrix."""
     scores = torch.as_tensor(scores)
-    for start in range(0, scores.shape[0], chunk):
-        yield scores[start: start + chunk]
+    rows = block_rows(chunk, scores.shape[1])
+    for start in range(0, scores.shape[0], rows):
+        yield scores[start: start + rows]
 
 
 def cosine(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -90,9 +101,10 @@ def cosine(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: float = 1.0) 
 
 
 def cosine_blocks(text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> Iterator[torch.Tensor]:
-    """``cosine``, one block of caption rows at a time."""
-    for start in range(0, text_emb.shape[0], chunk):
-        yield cosine(text_emb[start: start + chunk], image_emb)
+    """``cosine``, one block of caption rows at a time (``block_rows``)."""
+    rows = block_rows(chunk, image_emb.shape[0])
+    for start in range(0, text_emb.shape[0], rows):
+        yield cosine(text_emb[start: start + rows], image_emb)
 
 
 SORT_BUDGET = 1 << 22  # entries of the columns fully sorted at once where a tie crosses the k-th place

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 
 from rsnc_bench.backbones.base import Features
-from rsnc_bench.engine.retrieval import Reranked
+from rsnc_bench.engine.retrieval import Reranked, block_rows, matrix_blocks
 
 if TYPE_CHECKING:
     from rsnc_bench.methods import Method
@@ -38,16 +38,20 @@ class EncodedSplit:
         self.method, self.texts, self.images, self.chunk, self.keep = method, texts, images, chunk, keep
         self.device = texts.embedding.device
 
+    @property
+    def rows(self) -> int:
+        """Caption rows per block: the chunk, fewer for a gallery so large that a block would pass the entry budget."""
+        return block_rows(self.chunk, len(self.images.embedding))
+
     def text_chunks(self) -> Iterator[Features]:
         n = len(self.texts.embedding)
-        for start in range(0, n, self.chunk):
-            yield feature_rows(self.texts, start, min(n, start + self.chunk))
+        for start in range(0, n, self.rows):
+            yield feature_rows(self.texts, start, min(n, start + self.rows))
 
     def blocks(self) -> Iterator[torch.Tensor]:
-        """``Method.score`` of each chunk of caption rows against all images, as fp32 on the CPU."""
+        """``Method.score`` of each block of caption rows against all images, as fp32 on the CPU."""
         if self.keep:
-            matrix = self.matrix
-            return (matrix[start: start + self.chunk] for start in range(0, len(matrix), self.chunk))
+            return matrix_blocks(self.matrix, self.chunk)
         return self._score_chunks()
 
     @functools.cached_property
