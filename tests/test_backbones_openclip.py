@@ -126,3 +126,27 @@ def test_a_preset_is_one_folder_holding_its_architecture_and_its_budget(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), ours.model.state_dict().values()))
     captions = ["two planes near the terminal", "a river"]
     assert torch.equal(open_clip.get_tokenizer("tiny-vit-by-name")(captions), ours.tokenize(captions))
+
+
+def test_each_caption_is_tokenised_once_per_process_with_the_same_ids(monkeypatch):
+    import open_clip
+
+    from rsnc_bench.backbones import openclip as family
+
+    real = open_clip.get_tokenizer("ViT-B-32")
+    seen = []
+
+    class Counting:
+        def __call__(self, texts):
+            seen.extend(texts)
+            return real(texts)
+
+    tokenizer = Counting()
+    texts = ("many planes at an airport", "a green field", "many planes at an airport")
+    assert torch.equal(family._tokenized(tokenizer, texts), real(list(texts)).long())
+    assert seen == ["many planes at an airport", "a green field"]  # each distinct caption once
+    again = family._tokenized(tokenizer, texts[::-1])  # a noise rate permutes the same captions
+    assert torch.equal(again, real(list(texts[::-1])).long()) and len(seen) == 2
+    monkeypatch.setattr(family, "TOKEN_CACHE_SIZE", 2)  # past the cap: tokenised each time, same ids
+    more = ("a river", "a bridge over a river")
+    assert torch.equal(family._tokenized(tokenizer, more), real(list(more)).long()) and seen[-2:] == list(more)

@@ -272,7 +272,8 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     if method.backbone.provenance:
         record.config["backbone_weights"] = method.backbone.provenance
     cache = _image_cache(store, cell.label)
-    train = split_tensors(cell.train_split, method.backbone, cache, native=True, images=tconfig.images)  # crops come from the original images
+    train_images = tconfig.images if method.capabilities.trains else "disk"  # never read: left in the cache file
+    train = split_tensors(cell.train_split, method.backbone, cache, native=True, images=train_images)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache, images=tconfig.images) for s in (cell.data["val"], cell.data["test"]))
     clean = cell.manifest.clean
     rows = TRAIN_ROWS[spec.method.rows](clean)  # a data variant (the oracle) trains on the clean rows only
