@@ -5,8 +5,11 @@ outside the model (issue 18, benchmark 3), and each method's test evaluation aga
     python benchmarks/method_costs.py                  # tiny-b32 (the CPU preset's architecture), batch 64, 1 thread
 
 Each method trains on the built-in synthetic dataset with the harness's step (``StepRunner``):
-the batch (crops and normalisation: data), the method's loss, backward, clipping and fused AdamW
-(model), the per-row clean-ness signals and the logged loss (bookkeeping). Methods take turns,
+the batch (crops and normalisation, built two ahead by a background worker as the trainer does:
+data is the time the step waits for it; ``--prefetch 0`` builds it inline), the method's loss,
+backward, clipping and fused AdamW (model), the per-row clean-ness signals and the logged loss
+(bookkeeping). With one torch thread the worker has the second core to itself; in a grid with a
+worker process per core it shares them. Methods take turns,
 ``--steps`` steps a round, so load from other processes hits all alike; a method's step time is
 its best round's mean. Evaluation is ``evaluate`` on the test split (encoding and every scorer),
 best of ``--rounds``. Targets: every method within 3x clip-ft's step; data and bookkeeping under
@@ -18,13 +21,12 @@ images; this split is smaller, so the figure is a first reading). The table goes
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from ebaker_speed import make_runner  # benchmarks/, on sys.path when a script here runs
+from figures import Figure, save
 
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
@@ -34,7 +36,6 @@ from rsnc_bench.methods import METHODS
 
 BASELINE = "clip-ft"
 STEP_TARGET, OUTSIDE_TARGET, EVAL_TARGET = 3.0, 0.10, 20.0
-RESULTS = Path(__file__).with_name("results") / "method_costs.json"
 
 
 def trained_methods() -> list[str]:
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="0: torch's default")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches built ahead by a background worker, as the trainer does (0: inline)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,6 +77,7 @@ def main() -> None:
     names = trained_methods()
     runners = {name: make_runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
     for runner in runners.values():  # warm-up: first-touch allocations, thread pools
+        runner.prefetch(args.prefetch)
         runner.seconds(1)
         runner.times = dict.fromkeys(runner.times, 0.0)
     best: dict[str, float] = {}
@@ -93,11 +96,23 @@ def main() -> None:
                      "eval_s": evaluation[name], "eval_x_clip_ft": evaluation[name] / evaluation[BASELINE],
                      "eval_target_met": evaluation[name] / evaluation[BASELINE] <= EVAL_TARGET})
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "backbone": args.backbone, "batch_size": args.batch_size,
-             "steps": args.steps, "rounds": args.rounds, "test_split": [data["test"].n_images, data["test"].n_rows]}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"setup": setup, "targets": {"step_x_clip_ft": STEP_TARGET, "outside_share": OUTSIDE_TARGET,
-                                                               "eval_x_clip_ft": EVAL_TARGET},
-                                   "methods": rows}, indent=2) + "\n")
+             "steps": args.steps, "rounds": args.rounds, "prefetch": args.prefetch, "test_split": [data["test"].n_images, data["test"].n_rows]}
+    figures = []
+    for r in rows:
+        m = r["method"]
+        if m != BASELINE:
+            figures.append(Figure("3 step cost", f"{m} step over {BASELINE}'s", r["x_clip_ft"], "x", f"<= {STEP_TARGET:g}", r["step_target_met"],
+                                  f"{r['step_ms']:.0f} ms against {rows[0]['step_ms']:.0f} ms"))
+    for r in rows:
+        figures.append(Figure("3 step cost", f"{r['method']}: data wait and bookkeeping share of a step", r["outside_share"], "%",
+                              f"< {OUTSIDE_TARGET:.0%}", r["outside_target_met"],
+                              f"data {r['data_share']:.1%}, bookkeeping {r['bookkeeping_share']:.1%}"))
+    for r in rows:
+        if r["method"] != BASELINE:
+            figures.append(Figure("4 evaluation cost", f"{r['method']} test evaluation over {BASELINE}'s (synthetic test split)",
+                                  r["eval_x_clip_ft"], "x", f"<= {EVAL_TARGET:g}", r["eval_target_met"], f"{r['eval_s']:.2f} s"))
+    path = save("method_costs", setup, figures, targets={"step_x_clip_ft": STEP_TARGET, "outside_share": OUTSIDE_TARGET,
+                                                         "eval_x_clip_ft": EVAL_TARGET}, methods=rows)
     print(f"{setup}\n")
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     print(f"| method | step ms | x {BASELINE} (target <= {STEP_TARGET:g}) | data | bookkeeping | outside the model (target < {OUTSIDE_TARGET:.0%}) "
@@ -107,7 +122,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['step_ms']:.0f} | {r['x_clip_ft']:.2f} {met(r['step_target_met'])} | {r['data_share']:.1%} | "
               f"{r['bookkeeping_share']:.1%} | {r['outside_share']:.1%} {met(r['outside_target_met'])} | {r['eval_s']:.2f} | "
               f"{r['eval_x_clip_ft']:.1f} {met(r['eval_target_met'])} |")
-    print(f"\nwritten: {RESULTS}")
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":
