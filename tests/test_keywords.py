@@ -21,6 +21,7 @@ from rsnc_builtin_methods.keywords import (
     mask_keywords,
     mlm_loss,
     query_slots,
+    vocab_cross_entropy,
 )
 from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
 
@@ -295,8 +296,13 @@ def assert_grads_close(got, want, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
 
 
+# KER's loss uses vocab_cross_entropy; linear_cross_entropy (methods/linear_ce.py) is the earlier layout of the same math.
+FUSED_CE = pytest.mark.parametrize("fused", [vocab_cross_entropy, linear_cross_entropy], ids=["vocab", "linear"])
+
+
+@FUSED_CE
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_cross_entropy_equals_linear_then_cross_entropy(with_bias):
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(with_bias, fused):
     torch.manual_seed(0)
     hidden = torch.randn(9, 8, requires_grad=True)
     weight = torch.randn(40, 8, requires_grad=True)
@@ -307,55 +313,69 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy(with_bias):
     want = grads(3 * want_loss, inputs)
     workspace = LogitWorkspace()
     for _ in range(3):  # the buffer is taken, given back by the backward and taken again
-        loss = linear_cross_entropy(hidden, weight, bias, labels, workspace)
+        loss = fused(hidden, weight, bias, labels, workspace)
         torch.testing.assert_close(loss, want_loss)
         assert_grads_close(grads(3 * loss, inputs), want)
     assert workspace.free is not None
-    loss = linear_cross_entropy(hidden, weight, bias, labels)  # no workspace: a fresh buffer
+    loss = fused(hidden, weight, bias, labels)  # no workspace: a fresh buffer
     assert_grads_close(grads(3 * loss, inputs), want)
 
 
-def test_linear_cross_entropy_keeps_a_loss_whose_probability_underflows():
+@FUSED_CE
+def test_linear_cross_entropy_keeps_a_loss_whose_probability_underflows(fused):
     """A target logit ~1000 below the row maximum: its probability is 0 in fp32, the loss is recomputed from the logits."""
     hidden = torch.tensor([[10.0, 0.0], [0.1, 0.2]], requires_grad=True)
     weight = torch.tensor([[100.0, 0.0], [0.0, 1.0], [-1.0, 0.5]], requires_grad=True)
     labels = torch.tensor([2, 1])
     want = F.cross_entropy(hidden @ weight.T, labels)
-    got = linear_cross_entropy(hidden, weight, None, labels, LogitWorkspace())
+    got = fused(hidden, weight, None, labels, LogitWorkspace())
     assert want.item() > 500 and got.item() == pytest.approx(want.item(), rel=1e-6)
     assert_grads_close(grads(got, [hidden, weight]), grads(want, [hidden, weight]))
 
 
-def test_linear_cross_entropy_under_autocast_matches_the_half_precision_linear():
+@FUSED_CE
+def test_linear_cross_entropy_under_autocast_matches_the_half_precision_linear(fused):
     torch.manual_seed(1)
     hidden, weight, bias = torch.randn(6, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True), torch.randn(30, requires_grad=True)
     labels = torch.randint(0, 30, (6,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
-        got = linear_cross_entropy(hidden, weight, bias, labels, LogitWorkspace())
+        got = fused(hidden, weight, bias, labels, LogitWorkspace())
     assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
     assert_grads_close(grads(got, [hidden, weight, bias]), grads(want, [hidden, weight, bias]), rtol=1e-2, atol=1e-3)
 
 
-def test_linear_cross_entropy_buffer_is_not_reused_under_a_live_graph():
+@FUSED_CE
+def test_linear_cross_entropy_buffer_is_not_reused_under_a_live_graph(fused):
     torch.manual_seed(2)
     hidden, weight = torch.randn(4, 5, requires_grad=True), torch.randn(12, 5, requires_grad=True)
     labels = torch.randint(0, 12, (4,))
     workspace = LogitWorkspace()
     with torch.no_grad():  # no graph: the buffer goes straight back
-        linear_cross_entropy(hidden, weight, None, labels, workspace)
+        fused(hidden, weight, None, labels, workspace)
     assert workspace.free is not None
-    first = linear_cross_entropy(hidden, weight, None, labels, workspace)
-    second = linear_cross_entropy(2 * hidden, weight, None, labels, workspace)  # first still holds its buffer
+    first = fused(hidden, weight, None, labels, workspace)
+    second = fused(2 * hidden, weight, None, labels, workspace)  # first still holds its buffer
     want = grads(F.cross_entropy(hidden @ weight.T, labels), [hidden, weight])
     assert_grads_close(grads(first, [hidden, weight]), want)
     second.backward(retain_graph=True)
     second.backward()  # no forward in between: its buffer is intact
-    third = linear_cross_entropy(hidden, weight, None, labels, workspace)
+    third = fused(hidden, weight, None, labels, workspace)
     third.backward(retain_graph=True)
-    linear_cross_entropy(hidden, weight, None, labels, workspace)  # takes the buffer third gave back
+    fused(hidden, weight, None, labels, workspace)  # takes the buffer third gave back
     with pytest.raises(RuntimeError, match="second backward"):
         third.backward()
+
+
+def test_vocab_cross_entropy_computes_only_the_gradients_asked_for():
+    """A frozen weight (or bias) gets no product in the backward; the others are still exact."""
+    torch.manual_seed(6)
+    hidden, weight, bias = torch.randn(7, 6, requires_grad=True), torch.randn(25, 6), torch.randn(25, requires_grad=True)
+    labels = torch.randint(0, 25, (7,))
+    want = grads(F.cross_entropy(F.linear(hidden, weight, bias), labels), [hidden, bias])
+    loss = vocab_cross_entropy(hidden, weight, bias, labels, LogitWorkspace())
+    assert loss.grad_fn is not None
+    assert_grads_close(grads(loss, [hidden, bias]), want)
 
 
 @pytest.mark.parametrize("cross", [False, True])
