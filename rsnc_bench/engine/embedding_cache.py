@@ -3,8 +3,8 @@
 A method that does not train (``zeroshot``) scores the same val and test splits with the same
 weights in every cell of a grid: five noise rates, three seeds, fifteen identical encodings. This
 cache encodes each split once. Its key is a hash of everything the encoding depends on: the
-method's weights (its state dict), the preprocessing (image size, mean, std, the evaluation
-transform's version), the split's uint8 images and token ids as given to the encoder, whether
+method's weights (its state dict), the preprocessing (image size, mean and std; the resize is in
+the pixels), the split's uint8 images and token ids as given to the encoder, whether
 token features are kept, the evaluation precision, and torch's version; a change to any of them
 encodes anew. Methods that train are encoded every time (their weights differ each epoch).
 """
@@ -48,11 +48,10 @@ def encoding_key(method: Method, images, text: torch.Tensor, precision: str) -> 
 
 
 class EmbeddingCache:
-    """Encoded splits in ``folder``, one file per key; ``hits`` and ``misses`` count the lookups."""
+    """Encoded splits in ``folder``, one file per key."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.hits = self.misses = 0
 
     def encoded(self, method: Method, images, text: torch.Tensor, device: torch.device, precision: str,
                 encode: Callable[[], tuple[Features, Features]]) -> tuple[Features, Features]:
@@ -64,11 +63,9 @@ class EmbeddingCache:
         if path.exists():
             try:
                 saved = torch.load(path, map_location=device, weights_only=True)
-                self.hits += 1
                 return Features(**saved["texts"]), Features(**saved["images"])
             except Exception:  # noqa: BLE001 (a truncated or foreign file: encode again and replace it)
                 pass
-        self.misses += 1
         texts, encoded_images = encode()
         self.folder.mkdir(parents=True, exist_ok=True)
         plain = lambda f: {k: None if v is None else v.cpu() for k, v in vars(f).items()}  # noqa: E731
