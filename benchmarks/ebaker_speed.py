@@ -3,12 +3,20 @@
     python benchmarks/ebaker_speed.py                      # tiny-b32, batch 100, prints a Markdown table
     python benchmarks/ebaker_speed.py --threads 1 --rounds 5
     python benchmarks/ebaker_speed.py --methods rrsitr,ebaker,ebaker:ker_weight=0,ebaker:ker_vocab=labels
+    python benchmarks/ebaker_speed.py --methods ebaker,iebaker --batch-size 64 --threads 1 --clock cpu
 
 Each method trains on the built-in synthetic dataset (noise-free; data written to a temporary
 folder unless --data-root is given) with the harness's training step: the method's loss, AdamW
 (fused), gradient clipping at 50, fp32 on the CPU. The methods are timed in turns, --steps steps
 each per round, so that load from other processes hits all of them alike; a method's throughput
-is its best round. The table gives samples/s and the ratio to clip-ft.
+is its best round. ``--clock cpu`` times the process's CPU seconds instead of wall time: with
+``--threads 1`` on a machine shared with other jobs, that is the step's own work, unaffected by
+the scheduler handing the core to someone else (their use of caches and memory still shows).
+The table gives samples/s, the step time's ratio to clip-ft's, and the arithmetic of one step
+(loss and backward): the floating-point operations of its matrix products, convolutions and
+attention, counted by ``torch.utils.flop_counter`` on one batch, and their ratio to clip-ft's.
+A time ratio below the arithmetic ratio means the larger step runs its products more efficiently
+than clip-ft's small ones; no exact rewrite can take a step below what its arithmetic costs.
 
 Before timing, one batch checks that ebaker's optimised KER loss (the caption and its masked copy
 in one text-tower call, the last KER block at the labelled positions only, the fused vocabulary
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +42,7 @@ from rsnc_bench.engine.batches import Preprocess, make_batch
 from rsnc_bench.methods import METHODS
 
 BASELINE = "clip-ft"
+aten = torch.ops.aten
 
 
 def make_runner(name: str, backbone: str, train, captions, batch_size: int, seed: int = 0) -> StepRunner:
@@ -84,6 +94,24 @@ def check_ker(runner: StepRunner) -> str:
             f"{slow.item():.6f}; largest gradient difference {worst:.1e} of the parameter's largest gradient")
 
 
+def step_flops(runner: StepRunner) -> float:
+    """Floating-point operations of one training step's loss and backward on the runner's first
+    batch: matrix products, convolutions and attention (the CPU attention kernel counted with
+    torch's SDPA formulas, which its flop counter does not map); elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    cpu_attention = {  # called with the operator's arguments as shapes
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    batch = runner.batch(0)
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        runner.method.training_loss(batch).loss.backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny-b32")
@@ -96,6 +124,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--no-check", action="store_true", help="skip the KER equality check")
+    parser.add_argument("--no-flops", action="store_true", help="skip counting each step's arithmetic")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time (with --threads 1: unaffected by other jobs' scheduling)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,20 +138,26 @@ def main() -> None:
     runners = {name: make_runner(name, args.backbone, train, train.captions, args.batch_size) for name in names}
     kers = [name for name in names if getattr(runners[name].method, "ker", None) is not None]
     notes = [] if args.no_check or not kers else [check_ker(runners[kers[0]])]
+    flops = {} if args.no_flops else {name: step_flops(runner) for name, runner in runners.items()}
     for runner in runners.values():  # warm-up: first-touch allocations, thread pools
         runner.seconds(2)
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, runner in runners.items():
-            times[name].append(runner.seconds(args.steps) / args.steps)
+            started = time.process_time()
+            wall = runner.seconds(args.steps)
+            times[name].append((wall if args.clock == "wall" else time.process_time() - started) / args.steps)
 
     rate = {name: args.batch_size / min(t) for name, t in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.backbone}, batch {args.batch_size}, "
-          f"{args.rounds} rounds x {args.steps} steps per method (best round; median in brackets)\n")
-    print(f"| method | samples/s | step ms | relative to {BASELINE} |\n|---|---:|---:|---:|")
+          f"{args.rounds} rounds x {args.steps} steps per method, {args.clock} clock (best round; median in brackets)\n")
+    flop_head, flop_rule = (" GFLOP/step | arithmetic x clip-ft |", "---:|---:|") if flops else ("", "")
+    print(f"| method | samples/s | step ms | relative to {BASELINE} | step x {BASELINE} |{flop_head}\n|---|---:|---:|---:|---:|{flop_rule}")
     for name in names:
         median = statistics.median(times[name]) * 1000
-        print(f"| {name} | {rate[name]:.0f} | {min(times[name]) * 1000:.0f} ({median:.0f}) | {rate[name] / rate[BASELINE]:.2f} |")
+        arithmetic = f" {flops[name] / 1e9:.2f} | {flops[name] / flops[BASELINE]:.1f} |" if flops else ""
+        print(f"| {name} | {rate[name]:.0f} | {min(times[name]) * 1000:.0f} ({median:.0f}) | {rate[name] / rate[BASELINE]:.2f} "
+              f"| {rate[BASELINE] / rate[name]:.2f} |{arithmetic}")
     for note in notes:
         print(f"\n{note}")
 
