@@ -21,9 +21,8 @@ from rsnc_builtin_methods.keywords import (
     mask_keywords,
     mlm_loss,
     query_slots,
-    vocab_cross_entropy,
 )
-from rsnc_builtin_methods.linear_ce import LogitWorkspace, linear_cross_entropy
+from rsnc_builtin_methods.linear_ce import LogitWorkspace, vocab_cross_entropy
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -296,8 +295,7 @@ def assert_grads_close(got, want, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
 
 
-# KER's loss uses vocab_cross_entropy; linear_cross_entropy (methods/linear_ce.py) is the earlier layout of the same math.
-FUSED_CE = pytest.mark.parametrize("fused", [vocab_cross_entropy, linear_cross_entropy], ids=["vocab", "linear"])
+FUSED_CE = pytest.mark.parametrize("fused", [vocab_cross_entropy], ids=["vocab"])
 
 
 @FUSED_CE
