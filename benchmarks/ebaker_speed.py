@@ -33,25 +33,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from step_runner import StepRunner  # benchmarks/, on sys.path when a script here runs
+from step_runner import StepRunner, make_runner, step_flops  # benchmarks/, on sys.path when a script here runs
 
-from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
 from rsnc_bench.engine.batches import Preprocess, make_batch
-from rsnc_bench.methods import METHODS
 
 BASELINE = "clip-ft"
-aten = torch.ops.aten
-
-
-def make_runner(name: str, backbone: str, train, captions, batch_size: int, seed: int = 0) -> StepRunner:
-    """``name`` is a method, optionally with options after colons: "ebaker:ker_vocab=labels"."""
-    torch.manual_seed(seed)
-    method, _, options = name.partition(":")
-    cls = METHODS.get(method)
-    config = cls.config_type(**parse_assignments(cls.config_type, [o for o in options.split(":") if o]))
-    return StepRunner(name, cls(build_backbone(BackboneConfig(backbone)), config), train, batch_size, 50.0, captions, seed)
 
 
 def reference_ker_loss(method, batch) -> torch.Tensor:
@@ -92,24 +80,6 @@ def check_ker(runner: StepRunner) -> str:
     assert abs(fast.item() - slow.item()) <= 1e-5 * abs(slow.item()) and worst < 1e-4, (fast.item(), slow.item(), worst)
     return (f"KER loss on one batch ({n_labelled} labelled positions): optimised {fast.item():.6f}, straightforward "
             f"{slow.item():.6f}; largest gradient difference {worst:.1e} of the parameter's largest gradient")
-
-
-def step_flops(runner: StepRunner) -> float:
-    """Floating-point operations of one training step's loss and backward on the runner's first
-    batch: matrix products, convolutions and attention (the CPU attention kernel counted with
-    torch's SDPA formulas, which its flop counter does not map); elementwise work is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-    cpu_attention = {  # called with the operator's arguments as shapes
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(grad, q, k, v),
-    }
-    batch = runner.batch(0)
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        runner.method.training_loss(batch).loss.backward()
-    runner.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def main() -> None:

@@ -30,8 +30,7 @@ import time
 import torch
 from figures import Figure, save, table  # benchmarks/, on sys.path when a script here runs
 from method_costs import BASELINE, EVAL_TARGET, OUTSIDE_TARGET, STEP_TARGET, trained_methods
-from step_runner import make_runner
-from torch.utils.flop_counter import FlopCounterMode
+from step_runner import make_runner, step_flops
 
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
@@ -47,13 +46,6 @@ def peak_tflops(device: torch.device, given: float) -> float | None:
         return given
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def step_flops(runner) -> float:
-    """Floating-point operations of one training step (forward and backward), counted by torch."""
-    with FlopCounterMode(display=False) as counter:
-        runner.step()
-    return float(counter.get_total_flops())
 
 
 def synced_seconds(runner, steps: int) -> float:

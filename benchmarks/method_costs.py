@@ -25,8 +25,8 @@ import tempfile
 import time
 
 import torch
-from ebaker_speed import make_runner  # benchmarks/, on sys.path when a script here runs
-from figures import Figure, save
+from figures import Figure, save  # benchmarks/, on sys.path when a script here runs
+from step_runner import make_runner
 
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset

@@ -91,3 +91,21 @@ def make_runner(name: str, backbone: str, train, captions, batch_size: int, seed
     cls = METHODS.get(method)
     config = cls.config_type(**parse_assignments(cls.config_type, [o for o in options.split(":") if o]))
     return StepRunner(name, cls(build_backbone(BackboneConfig(backbone)), config), train, batch_size, 50.0, captions, seed, **where)
+
+
+def step_flops(runner: StepRunner) -> float:
+    """Floating-point operations of one training step's loss and backward on the runner's first
+    batch: matrix products, convolutions and attention (the CPU attention kernel counted with
+    torch's SDPA formulas, which its flop counter does not map); elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    cpu_attention = {  # called with the operator's arguments as shapes
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    batch = runner.batch(0)
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        runner.method.training_loss(batch).loss.backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
