@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,16 +122,24 @@ def test_a_grid_killed_at_random_points_loses_nothing_and_matches_a_clean_run(tm
     assert not list(killed.rglob("*.lock")) and not list(killed.rglob("*.ckpt"))
 
 
-def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
+def test_a_file_system_without_flock_is_guarded_by_the_lease_alone(tmp_path, monkeypatch):
+    """An NFS v3 mount without lockd, or a cluster file system with flock off: the lock still
+    holds (the lease), and a dead holder's file is still recognised (its process is gone)."""
     import errno
     import fcntl
-
-    from rsnc_bench.errors import RsncError
 
     def refuse(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", refuse)
-    with pytest.raises(RsncError, match="refuses locks .*lock-capable file system"):
-        with cell_lock(tmp_path / "cell.lock"):
-            pass
+    path = tmp_path / "cell.lock"
+    with cell_lock(path) as first:
+        with cell_lock(path) as second:
+            assert first and not second
+    assert not path.exists()
+    path.write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "token": "dead", "heartbeat": time.time(),
+                                "since": "2026-12-01T10:00:00"}))
+    notices = []
+    with cell_lock(path, notice=notices.append) as held:
+        assert held
+    assert len(notices) == 1 and "its process is gone" in notices[0]
