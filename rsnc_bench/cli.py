@@ -219,6 +219,7 @@ RUN_HELP = f"""Train and evaluate every missing cell of a grid, then print the l
       rsnc-bench run --datasets rsicd --data-root ../shared/data/rsicd-subset --methods clip-ft --noise 0,0.6
       rsnc-bench run --backbone ViT-B-32-quickgelu --pretrained RemoteCLIP-ViT-B-32.pt --methods zeroshot --datasets rsicd
       rsnc-bench run --config benchmarks/grids/rsicd-subset.yaml --seeds 3
+      rsnc-bench run --config my-grid.yaml --launcher slurm --slurm-partition gpu --slurm-gpus 1 --slurm-time 240
 
     Non-paper defaults (docs/fidelity.md lists every component, paper / reference code / here):
       training budget of the CPU presets, over each method's paper budget:
@@ -234,16 +235,26 @@ def run(config: Optional[Path] = None, **values) -> None:
     """Train and evaluate every missing cell of a grid, then print the leaderboard (help: RUN_HELP)."""
     from tqdm.auto import tqdm
 
-    from rsnc_bench.grid import run_grid
     from rsnc_bench.results import summary_line
 
     grid = load_grid(config, {name: value for name, value in values.items() if value not in (None, [], ())})  # given ones only
-    docs, skipped, elsewhere = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc)))
+    if grid.launcher == "inline":
+        from rsnc_bench.grid import run_grid
+
+        (docs, skipped, elsewhere), unfinished = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc))), []
+    else:  # through submitit (rsnc_bench/launch.py)
+        from rsnc_bench.launch import launch_grid
+
+        launched = launch_grid(grid, on_done=lambda doc: typer.echo(summary_line(doc)), echo=typer.echo)
+        if not launched.waited:  # a Slurm array: it reports into the store, which `report` reads while it runs
+            return
+        docs, skipped, elsewhere, unfinished = launched.docs, launched.skipped, launched.elsewhere, launched.unfinished
     failed = sum(doc["status"] != "complete" for doc in docs)
     beside = f", {elsewhere} run by another runner on this folder" if elsewhere else ""
-    typer.echo(f"{len(docs)} cells run ({failed} failed), {skipped} already complete{beside}")
+    left = f", {len(unfinished)} in jobs that did not finish (rerun to resume them)" if unfinished else ""
+    typer.echo(f"{len(docs)} cells run ({failed} failed), {skipped} already complete{beside}{left}")
     _write_report(Path(grid.out))
-    if failed:
+    if failed or unfinished:
         raise typer.Exit(1)
 
 

@@ -150,12 +150,30 @@ class GridOutcome(NamedTuple):
     elsewhere: int  # cells another runner held or wrote meanwhile
 
 
-def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> GridOutcome:
-    """Run every cell that is not complete (each under its lock, so runners can share a folder)."""
+class GridPlan(NamedTuple):
+    """What a grid will run, found and checked before anything trains (``plan_grid``)."""
+
+    store: ResultStore
+    cells: list[CellSpec]  # every cell of the grid
+    todo: list[tuple[CellSpec, object]]  # (cell, its result file's state now: the cell is skipped if another runner changes it)
+    devices: list[str]  # the device of each worker (``worker_plan``)
+    threads: int | None  # torch threads per worker
+
+    def worker_devices(self, device: str) -> list[str | None]:
+        """The device each worker passes to its cells: None (the cell's own choice) for a lone
+        worker of ``--device auto``, as a single-process run does."""
+        if len(self.devices) == 1 or len(self.todo) <= 1:
+            return [None if device == "auto" else self.devices[0]]
+        return list(self.devices)
+
+
+def plan_grid(grid: GridConfig) -> GridPlan:
+    """Expand the grid, find the cells that are not complete, check their inputs (``check_before_training``)
+    and record the grid in the store; nothing trains."""
     store = ResultStore(writable_folder(grid.out, "--out"))
     cells = expand(grid)
     devices, threads = worker_plan(grid.device, grid.workers)
-    todo = []  # (cell, its result file's state now: the cell is skipped if another runner changes it)
+    todo = []
     for spec in cells:
         if not grid.force and store.is_complete(spec.key):
             check_recorded_manifest(spec, store, store.read(spec.key))
@@ -164,6 +182,13 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
     check_before_training([spec for spec, _ in todo], store)
     remove_stale_temporaries(store.root, notice=tqdm.write)
     store.write_grid(dataclasses.asdict(grid), [spec.key for spec in cells])  # lets a report list missing cells
+    return GridPlan(store, cells, todo, devices, threads)
+
+
+def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> GridOutcome:
+    """Run every cell that is not complete (each under its lock, so runners can share a folder)."""
+    plan = plan_grid(grid)
+    store, cells, todo = plan.store, plan.cells, plan.todo
     docs, elsewhere = [], 0
 
     def done(doc: dict | None) -> None:
@@ -174,17 +199,17 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
             docs.append(doc)
             on_done(doc)
 
-    if len(devices) == 1 or len(todo) <= 1:
-        device = None if grid.device == "auto" else devices[0]
-        with _torch_threads(threads):  # a cell left alone trains as it would in a worker: same thread count, same numbers
+    workers = plan.worker_devices(grid.device)
+    if len(workers) == 1:
+        with torch_threads(plan.threads):  # a cell left alone trains as it would in a worker: same thread count, same numbers
             for spec, state in _progress(todo):
-                done(run_cell(spec, store, device, planned=state, force=grid.force))
+                done(run_cell(spec, store, workers[0], planned=state, force=grid.force))
         return GridOutcome(docs, len(cells) - len(todo), elsewhere)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = context.Manager().Queue()
-    for device in devices:
+    for device in workers:
         queue.put(device)
-    with ProcessPoolExecutor(len(devices), mp_context=context, initializer=_start_worker, initargs=(queue, threads)) as pool:
+    with ProcessPoolExecutor(len(workers), mp_context=context, initializer=_start_worker, initargs=(queue, plan.threads)) as pool:
         futures = [pool.submit(_run_in_worker, spec, str(store.root), state, grid.force) for spec, state in todo]
         for future in _progress(as_completed(futures), total=len(futures)):
             done(future.result())
@@ -192,7 +217,8 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None):
+def torch_threads(threads: int | None):
+    """torch's thread count set to ``threads`` (None: unchanged) for the block, then restored."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
