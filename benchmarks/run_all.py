@@ -30,7 +30,6 @@ BENCHMARKS = {
     "evaluator_vs_clip_benchmark": "1",
     "train_vs_open_clip": "2",
     "method_costs": "3, 4",
-    "pmpguard_eval": "4",
     "data_path": "5 and the data path",
     "evaluator_scaling": "6",
     "gpu_step": "2-4 on a GPU",
