@@ -360,8 +360,9 @@ def _acquire(path: Path, times: LeaseTimes, notice: Callable[[str], None]) -> _L
 @contextlib.contextmanager
 def cell_lock(path: Path, notice: Callable[[str], None] = print, *, lease: float | None = None,
               heartbeat: float | None = None, settle: float | None = None) -> Iterator[bool]:
-    """Hold the lock at ``path`` for the block; yields False (holding nothing) when another live
-    runner holds it, on this host or another. A stale lock (its holder died, or stopped its
+    """Hold the lock at ``path`` for the block; yields the held lease (true; its ``lost`` turns
+    True if another runner takes the lock over meanwhile), or False (holding nothing) when another
+    live runner holds it, on this host or another. A stale lock (its holder died, or stopped its
     heartbeat for longer than the lease) is taken over with a ``notice``. The times default to
     ``lease_times()``."""
     times = lease_times(lease, heartbeat, settle)
@@ -371,6 +372,6 @@ def cell_lock(path: Path, notice: Callable[[str], None] = print, *, lease: float
         yield False
         return
     try:
-        yield True
+        yield held
     finally:
         held.release()

@@ -160,7 +160,7 @@ def _race(i: int, path: Path, flock: bool, start, outcomes, stop) -> None:
     lock_module.HOST = f"node-{i}"
     start.wait(20)
     with cell_lock(path, notice=lambda m: None, **FAST) as held:
-        outcomes.put((i, held))
+        outcomes.put((i, bool(held)))
         if held:
             stop.wait(20)  # holds it until every other runner has tried
 

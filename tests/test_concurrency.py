@@ -143,3 +143,16 @@ def test_a_file_system_without_flock_is_guarded_by_the_lease_alone(tmp_path, mon
     with cell_lock(path, notice=notices.append) as held:
         assert held
     assert len(notices) == 1 and "its process is gone" in notices[0]
+
+
+def test_a_runner_whose_lock_was_taken_over_does_not_write_the_result(tmp_path, synthetic_root):
+    """Paused past its lease (a suspended job), the runner finds another owns the cell now: the
+    successor's result is the one kept, so this one writes nothing."""
+    from types import SimpleNamespace
+
+    from rsnc_bench.engine.cell import _run_locked
+
+    store, cell = ResultStore(tmp_path), spec(synthetic_root, epochs=1)
+    assert _run_locked(cell, store, None, SimpleNamespace(lost=True)) is None
+    assert not store.path(cell.key).exists()
+    assert _run_locked(cell, store, None, SimpleNamespace(lost=False))["status"] == "complete" and store.is_complete(cell.key)

@@ -167,10 +167,12 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None, *, p
             return None
         if force:
             shutil.rmtree(store.checkpoint_dir(key), ignore_errors=True)
-        return _run_locked(spec, store, device)
+        return _run_locked(spec, store, device, held)
 
 
-def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
+def _run_locked(spec: CellSpec, store: ResultStore, device: str | None, lease=None) -> dict | None:
+    """Run the cell and write its result, unless ``lease`` (the cell's lock) was taken over by
+    another runner meanwhile: that runner owns the cell now, and its result is the one kept."""
     key = spec.key
     started = time.perf_counter()
     record = ResultRecord(key)
@@ -188,6 +190,9 @@ def _run_locked(spec: CellSpec, store: ResultStore, device: str | None) -> dict:
     record.timings["total_seconds"] = time.perf_counter() - started
     record.finished_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     doc = record.as_dict()
+    if lease is not None and lease.lost:
+        tqdm.write(f"{key.label()}: another runner took this cell's lock over while it ran; its result is not written here")
+        return None
     if not record.complete and store.is_complete(key):  # a forced rerun that failed
         tqdm.write(f"{key.label()}: the rerun {record.status} ({record.error}); the previous complete result stays in {store.path(key)}")
     else:
