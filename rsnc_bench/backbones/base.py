@@ -8,7 +8,9 @@ come from local files named in the config, and a missing file is a ``WeightsNotF
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,16 +24,19 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # Training budgets of the presets that need their own (non-paper: a pretrained model's paper
-# learning rate, 7e-6, would leave a tower trained from scratch where it started). Each preset
-# declares its budget where it is defined: a preset folder's ``open_clip_config.json`` ("train"),
-# or ``declare_budget`` beside its builder. Every value is listed in the README and `run --help`,
-# and each result records them under config.train_sources.
-TRAIN_HINTS: dict[str, dict] = {}
-
-
-def declare_budget(name: str, **budget) -> None:
-    """The train-config values the backbone preset ``name`` needs (over the method's paper budget)."""
-    TRAIN_HINTS[name] = budget
+# learning rate, 7e-6, would leave a tower trained from scratch where it started): a preset
+# folder's ``open_clip_config.json`` ("train"), and the builder-made presets below. They are read
+# here, without importing the builders, so that `run --help` and every cell see all of them
+# whatever was imported first. Every value is listed in the README and `run --help`, and each
+# result records them under config.train_sources.
+PRESET_DIR = Path(__file__).with_name("presets")
+PRESET_FILE = "open_clip_config.json"
+PRESETS = {path.parent.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(PRESET_DIR.glob(f"*/{PRESET_FILE}"))}
+TRAIN_HINTS: dict[str, dict] = {name: preset["train"] for name, preset in PRESETS.items() if "train" in preset}
+# tiny-clip (openclip.py): a pretrained start needs a fine-tuning budget, tiny-vit's from-scratch lr would erase what it learnt
+TRAIN_HINTS["tiny-clip"] = dict(lr=5e-4, weight_decay=0.1, warmup_steps=20, batch_size=64, epochs=5)
+# minilm (timm_hf.py): its image tower starts at random
+TRAIN_HINTS["minilm"] = dict(lr=5e-4, weight_decay=0.1, warmup_steps=20, batch_size=64, epochs=6)
 
 
 def train_hints(name: str) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import logging
 import os
 import re
@@ -38,16 +37,18 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError, declare_budget, trim_padding_columns
+from rsnc_bench.backbones.base import (
+    BACKBONES,
+    PRESET_DIR,
+    PRESETS,
+    BackboneConfig,
+    DualEncoder,
+    Features,
+    WeightsNotFoundError,
+    trim_padding_columns,
+)
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError, UnknownNameError
-
-PRESET_DIR = Path(__file__).with_name("presets")
-PRESET_FILE = "open_clip_config.json"
-PRESETS = {path.parent.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(PRESET_DIR.glob(f"*/{PRESET_FILE}"))}
-for _name, _preset in PRESETS.items():
-    if "train" in _preset:
-        declare_budget(_name, **_preset["train"])
 
 NORMS = {  # protocol.md section 7.4
     "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
@@ -159,10 +160,6 @@ def build_open_clip(config: BackboneConfig) -> OpenClipEncoder:
     model.eval()
     norm = NORMS.get(options.norm)
     return OpenClipEncoder(model, _tokenizer(_tokenizer_name(name)), norm)
-
-
-# a pretrained start needs a fine-tuning budget: tiny-vit's from-scratch lr would erase what it learnt
-declare_budget("tiny-clip", lr=5e-4, weight_decay=0.1, warmup_steps=20, batch_size=64, epochs=5)
 
 
 @BACKBONES.register("tiny-clip")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError, declare_budget
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError
 
@@ -254,7 +254,6 @@ def swin_bert(config: BackboneConfig) -> DualEncoder:
     return build_timm_hf(config, image="swin_tiny_patch4_window7_224", embed_dim=512, image_size=224)
 
 
-declare_budget("minilm", lr=5e-4, weight_decay=0.1, warmup_steps=20, batch_size=64, epochs=6)  # its image tower starts at random
 
 
 @BACKBONES.register("minilm")
