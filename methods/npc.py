@@ -17,7 +17,22 @@ row (by image and by caption embedding). Each step (section 2.2):
    (``main_NPC.py:183-184``).
 
 l_i is the symmetric per-pair InfoNCE under CLIP's learnable logit scale. Memory losses and r
-are computed in fp32. The Gaussian mixture is this module's own EM (sklearn is not a dependency):
+are computed in fp32.
+
+Work per step: the numbers of the steps above taken literally, to fp32 rounding (tested against
+that computation), with less work:
+- each distinct memory row is built once;
+- when the backbone's forward is a function of each sample alone (no batch norm, no random
+  draws), each distinct memory image and caption is encoded once per model: P^I's and P^T's
+  losses are gathered from one forward, the same one under A (L_0) and A' (L_1), so r is exactly
+  1 when A' = A;
+- where, in addition, no autocast is active, A' = A when A''s gradient is taken, so it comes
+  from A's own graph of the batch instead of a forward of A'; and the code's base gradient,
+  mean(w) x the plain gradient, is mean(w) / 2 x A''s, handed to the trainer's backward
+  without a second pass through the batch;
+- A''s AdamW is fused where torch has it.
+
+The Gaussian mixture is this module's own EM (sklearn is not a dependency):
 ``GaussianMixture(2, max_iter=100, tol=1e-2, reg_covar=5e-4)`` of ``get_memorybank.py:51``,
 started at the quartiles instead of k-means (deterministic; the reference sets no seed).
 """
@@ -35,6 +50,8 @@ import torch.nn.functional as F
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, REFERENCE_LOG_SCALE, Batch, EpochContext, LossOutput, Method, MethodConfig, learnable_log_scale
+
+BATCH_STATISTICS = (torch.nn.modules.batchnorm._BatchNorm,)  # layers whose output depends on the rest of the batch in training
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,50 @@ def lower_component_posterior(x: np.ndarray, max_iter: int = 100, tol: float = 1
     return responsibilities()[0][:, int(np.argmin(mean))]
 
 
+class GivenGradient(torch.autograd.Function):
+    """0, whose gradient with respect to ``params`` is ``scale`` x ``grads`` (x the incoming
+    gradient): a gradient already computed, handed to the trainer's backward without a second
+    pass through the graph it came from."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, grads: tuple, *params: torch.Tensor) -> torch.Tensor:
+        ctx.scale, ctx.grads = scale, grads
+        return scale.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        factor = ctx.scale * upstream
+        return (None, None, *(None if g is None else g * factor for g in ctx.grads))
+
+
+def distinct_images(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's distinct images and, per row, its image's index among them. Rows of one image id
+    share it once their pixels are checked equal; if any are not, every row keeps its own."""
+    ids, image_of = torch.unique(batch.image_ids, return_inverse=True)
+    order = torch.arange(len(image_of), device=image_of.device)
+    first = torch.full_like(ids, len(image_of)).scatter_reduce_(0, image_of, order, "amin")
+    repeated = first[image_of] != order
+    if repeated.any() and not torch.equal(batch.images[repeated], batch.images[first[image_of[repeated]]]):
+        return batch.images, order
+    return batch.images[first], image_of
+
+
+def draws_random_numbers(encoder, batch: Batch) -> bool:
+    """Whether a forward of ``encoder`` on the batch's first row draws from torch's default
+    generators, as dropout does (in its current mode); the generators are left as they were."""
+    device = batch.images.device
+    cuda = device.type == "cuda"
+    before = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if cuda else [])
+    with torch.no_grad():
+        encoder.encode_text(batch.text[:1])
+        encoder.encode_image(batch.images[:1])
+    after = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if cuda else [])
+    torch.set_rng_state(before[0])
+    if cuda:
+        torch.cuda.set_rng_state(before[1], device)
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 def nearest_clean(queries: torch.Tensor, keys: torch.Tensor, clean_rows: torch.Tensor, dot_product: bool) -> torch.Tensor:
     """For each query, the clean row whose key is nearest: cosine, or (the code's) the normalised
     query's dot product with the un-normalised key. Ties go to the lower row."""
@@ -129,10 +190,15 @@ class Npc(Method):
         siamese = copy.deepcopy(backbone)
         object.__setattr__(self, "siamese", siamese)  # not a submodule: the trainer neither steps nor saves it
         cfg = self.config
-        self.siamese_optimizer = torch.optim.AdamW([p for p in siamese.parameters() if p.requires_grad], lr=0.0,
-                                                   betas=(0.9, cfg.siamese_beta2), eps=cfg.siamese_eps, weight_decay=cfg.siamese_weight_decay)
+        params = [p for p in siamese.parameters() if p.requires_grad]
+        options = {"lr": 0.0, "betas": (0.9, cfg.siamese_beta2), "eps": cfg.siamese_eps, "weight_decay": cfg.siamese_weight_decay}
+        try:  # fused where torch has it (the trainer's choice for A), several times faster on the CPU
+            self.siamese_optimizer = torch.optim.AdamW(params, fused=True, **options)
+        except (RuntimeError, TypeError):
+            self.siamese_optimizer = torch.optim.AdamW(params, **options)
         self.bank: dict[str, torch.Tensor] | None = None  # image_entry [n_images], text_entry [n_rows], clean_prob [n_rows]
         self.batch_of = None
+        self._per_sample: dict[bool, bool] = {}  # training mode -> whether the backbone's forward is per sample
 
     @staticmethod
     def log_scale(encoder) -> torch.Tensor:
@@ -147,6 +213,10 @@ class Npc(Method):
     # --- the memory bank (section 2.4) ---------------------------------------------------------
     def start_epoch(self, ctx: EpochContext) -> None:
         self.siamese.to(ctx.device)
+        for param, state in self.siamese_optimizer.state.items():  # moments resumed while A' was still on the CPU
+            for key, value in state.items():  # (fused AdamW wants its step counts beside the parameters too)
+                if torch.is_tensor(value) and value.device != param.device:
+                    state[key] = value.to(param.device)
         self.batch_of = ctx.batch_of
         if self.bank is None:
             if ctx.batch_of is None:
@@ -187,27 +257,82 @@ class Npc(Method):
         if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
             raise ConfigError("npc's siamese step runs its own backward, which fp16 would need a second GradScaler for: "
                               "use -t precision=bf16 or precision=fp32")
-        cfg, bank = self.config, self.bank
-        memory_image = self.batch_of(bank["image_entry"][batch.image_ids.cpu()])
-        memory_text = self.batch_of(bank["text_entry"][batch.rows.cpu()])
-        with torch.autocast(batch.images.device.type, enabled=False):  # the memory losses and r in fp32
+        cfg, bank, device = self.config, self.bank, batch.images.device.type
+        # the memory batches P^I (each row's image entry), then P^T (its text entry): each distinct row built once
+        entries = torch.cat([bank["image_entry"][batch.image_ids.cpu()], bank["text_entry"][batch.rows.cpu()]])
+        rows, slot = torch.unique(entries, return_inverse=True)
+        memory = self.batch_of(rows)
+        per_sample = self.per_sample(memory)
+        # A' = A when its gradient is taken, so A's graph of the batch is A''s, unless autocast casts A's forward
+        shared = per_sample and not torch.is_autocast_enabled(device) and all(
+            a.requires_grad == s.requires_grad for a, s in zip(self.backbone.parameters(), self.siamese.parameters()))
+        score = self.memory_scorer(memory, slot.to(memory.rows.device), len(batch.rows), per_sample)
+        with torch.autocast(device, enabled=False):  # the memory losses and r in fp32
             with torch.set_grad_enabled(not cfg.code_faithful):  # the paper's L_MB trains A; the code's is a constant
-                before_image, before_text = self.losses(self.backbone, memory_image), self.losses(self.backbone, memory_text)
-            self.look_ahead(batch)
+                before_image, before_text = score(self.backbone)
+            losses = self.losses(self.backbone, batch) if shared else None  # no autocast to leave: A's batch loss now
+            # the code's base gradient is mean(w) x the plain one (section 2.3 step 7) = mean(w) / 2 x A''s: the batch's
+            # graph is not needed again
+            grads = self.look_ahead(batch, losses, keep_graph=not cfg.code_faithful)
             with torch.no_grad():
-                after_image, after_text = self.losses(self.siamese, memory_image), self.losses(self.siamese, memory_text)
+                after_image, after_text = score(self.siamese)
             r = impact_ratio(before_image.detach(), after_image, before_text.detach(), after_text)
         weights = confidence_weights(r)
-        losses = self.losses(self.backbone, batch)
-        loss = npc_objective(losses, weights, before_image + before_text, cfg.code_faithful)
+        if losses is None:
+            losses = self.losses(self.backbone, batch)
+        if grads is not None and cfg.code_faithful:  # the same value; A's gradient (mean(w) / 2) x A''s without a backward
+            params = [a for a, s in zip(self.backbone.parameters(), self.siamese.parameters()) if s.requires_grad]
+            loss = npc_objective(losses.detach(), weights, before_image + before_text, True) \
+                + GivenGradient.apply(weights.mean() / 2, grads, *params)
+        else:
+            loss = npc_objective(losses, weights, before_image + before_text, cfg.code_faithful)
         logs = {"weight": weights.mean().item(), "negative_impact": (r < 1).float().mean().item(),
                 "memory_loss": (before_image + before_text).mean().item(), "logit_scale": self.log_scale(self.backbone).exp().item()}
         # clean-ness signal (methods-npc-osa.md 2.6): r, flagged at r < 1; w and the mixture's clean posterior
         others = {"weight": weights, "gmm_clean_prob": bank["clean_prob"][batch.rows.cpu()].to(r.device)}
         return LossOutput(loss, r, r < 1, others, logs)
 
-    def look_ahead(self, batch: Batch) -> None:
-        """A' <- A, then one AdamW step of A' on the batch (the code's mean CE_i2t + mean CE_t2i, one backward)."""
+    def per_sample(self, memory: Batch) -> bool:
+        """Whether the backbone's forward, in its current mode, gives each sample's embedding from
+        that sample alone: no batch statistics and no random draws (dropout). Checked once per mode."""
+        mode = self.backbone.training
+        if mode not in self._per_sample:
+            self._per_sample[mode] = not any(isinstance(m, BATCH_STATISTICS) for m in self.backbone.modules()) \
+                and not draws_random_numbers(self.backbone, memory)
+        return self._per_sample[mode]
+
+    def memory_scorer(self, memory: Batch, slot: torch.Tensor, n: int, per_sample: bool):
+        """``score(encoder)`` -> (per-row losses of P^I, of P^T): row i of P^I is memory row
+        ``slot[i]``, of P^T ``slot[n + i]``. Per sample, one forward of the distinct captions and
+        images serves both (the same forward under A and A'); otherwise each memory batch is
+        encoded as the algorithm states it (its batch statistics, its own random draws)."""
+        if per_sample:
+            text, text_of = torch.unique(memory.text, dim=0, return_inverse=True)
+            images, image_of = distinct_images(memory)
+            picks = [(text_of[slot[:n]], image_of[slot[:n]]), (text_of[slot[n:]], image_of[slot[n:]])]
+            forwards = [(text, images, picks)]
+        else:
+            forwards = [(memory.text[part], memory.images[part], [(None, None)]) for part in (slot[:n], slot[n:])]
+
+        def score(encoder) -> list[torch.Tensor]:
+            out = []
+            for text, images, pairs in forwards:
+                t, i = encoder.encode_text(text).embedding, encoder.encode_image(images).embedding
+                scale = self.log_scale(encoder).to(t.device)
+                out += [pair_losses(t if rows_t is None else t[rows_t], i if rows_i is None else i[rows_i], scale) for rows_t, rows_i in pairs]
+            return out
+        return score
+
+    def look_ahead(self, batch: Batch, losses: torch.Tensor | None = None, keep_graph: bool = True) -> tuple | None:
+        """A' <- A, then one AdamW step of A' on the batch (the code's mean CE_i2t + mean CE_t2i, one
+        backward). ``losses``: A's per-row batch losses, computed as A''s forward would be (same
+        weights, inputs and mode, no autocast, no random draws): A''s gradient is taken from their
+        graph (kept for A's backward if ``keep_graph``) instead of a forward of A', and returned
+        (per trainable parameter of A, None where the loss does not reach it)."""
+        paired = [(a, s) for a, s in zip(self.backbone.parameters(), self.siamese.parameters()) if s.requires_grad]
+        grads = None
+        if losses is not None:
+            grads = torch.autograd.grad(2 * losses.mean(), [a for a, _ in paired], retain_graph=keep_graph, allow_unused=True)
         with torch.no_grad():
             for mine, base in zip(self.siamese.state_dict().values(), self.backbone.state_dict().values()):
                 mine.copy_(base)
@@ -217,8 +342,14 @@ class Npc(Method):
         for group in self.siamese_optimizer.param_groups:
             group["lr"] = batch.lr
         self.siamese_optimizer.zero_grad(set_to_none=True)
-        (2 * self.losses(self.siamese, batch).mean()).backward()
+        if losses is None:
+            (2 * self.losses(self.siamese, batch).mean()).backward()
+        else:
+            for (_, mine), grad in zip(paired, grads):
+                mine.grad = grad  # None where the loss does not reach the parameter: AdamW skips it, as after backward
         self.siamese_optimizer.step()
+        self.siamese_optimizer.zero_grad(set_to_none=True)  # A''s gradient is spent
+        return grads
 
     # Resume and best.pt carry the bank and the siamese optimiser's moments (its weights come from A each step).
     def get_extra_state(self):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from open_clip.transformer import PatchDropout
 
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.engine.cell import CellSpec, run_cell
@@ -19,6 +20,7 @@ from rsnc_builtin_methods.npc import (
     Npc,
     NpcConfig,
     confidence_weights,
+    distinct_images,
     impact_ratio,
     lower_component_posterior,
     nearest_clean,
@@ -53,16 +55,18 @@ def test_the_two_reductions_by_hand():
 
 
 class Rows:
-    """Train rows as batches (what EpochContext.batch_of gives), from fixed tensors."""
+    """Train rows as batches (what EpochContext.batch_of gives), from fixed tensors: row i shows
+    image i % n_images with caption i % n_captions."""
 
-    def __init__(self, backbone, n: int = 8, seed: int = 1):
+    def __init__(self, backbone, n: int = 8, seed: int = 1, n_images: int | None = None, n_captions: int | None = None):
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=g)
-        self.text = backbone.tokenize([f"caption {i} of a harbour with {i % 3} ships" for i in range(n)])
+        self.image_of = torch.arange(n) % (n_images or n)
+        self.images = torch.randn(n_images or n, 3, backbone.image_size, backbone.image_size, generator=g)
+        self.text = backbone.tokenize([f"caption {i % (n_captions or n)} of a harbour with {i % 3} ships" for i in range(n)])
 
     def __call__(self, rows) -> Batch:
         rows = torch.as_tensor(rows)
-        return Batch(self.images[rows], self.text[rows], rows, rows)
+        return Batch(self.images[self.image_of[rows]], self.text[rows], rows, self.image_of[rows])
 
 
 def ready(method: Npc, rows: Rows, lr: float):
@@ -117,6 +121,136 @@ def test_the_siamese_copy_is_isolated_and_takes_exactly_one_step():
     assert torch.equal(restored.bank["text_entry"], method.bank["text_entry"])
     state, saved = restored.siamese_optimizer.state_dict()["state"], method.siamese_optimizer.state_dict()["state"]
     assert state.keys() == saved.keys() and all(torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) for k in state)
+
+
+def stated_step(method: Npc, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, r) of one NPC step as section 2.2 states it, as the method computed it before its
+    work was cut (kept here as the reference): P^I and P^T built and encoded as two batches, A'
+    copied from A and stepped by a forward and backward of its own, P^I and P^T encoded again by
+    A', then A's forward of the batch."""
+    cfg, bank = method.config, method.bank
+    memory_image, memory_text = method.batch_of(bank["image_entry"][batch.image_ids]), method.batch_of(bank["text_entry"][batch.rows])
+    with torch.autocast("cpu", enabled=False):
+        with torch.set_grad_enabled(not cfg.code_faithful):
+            before_image, before_text = method.losses(method.backbone, memory_image), method.losses(method.backbone, memory_text)
+        with torch.no_grad():
+            for mine, base in zip(method.siamese.state_dict().values(), method.backbone.state_dict().values()):
+                mine.copy_(base)
+        method.siamese.train(method.backbone.training)
+        for group in method.siamese_optimizer.param_groups:
+            group["lr"] = batch.lr
+        method.siamese_optimizer.zero_grad(set_to_none=True)
+        (2 * method.losses(method.siamese, batch).mean()).backward()
+        method.siamese_optimizer.step()
+        with torch.no_grad():
+            after_image, after_text = method.losses(method.siamese, memory_image), method.losses(method.siamese, memory_text)
+        r = impact_ratio(before_image.detach(), after_image, before_text.detach(), after_text)
+    losses = method.losses(method.backbone, batch)
+    return npc_objective(losses, confidence_weights(r), before_image + before_text, cfg.code_faithful), r
+
+
+def key_bias(name: str, values: torch.Tensor) -> torch.Tensor | None:
+    """The key part of an attention layer's packed q, k, v bias: attention is invariant to it, so
+    its gradient is zero up to rounding, which AdamW's normalisation turns into steps of about lr
+    whose signs follow the rounding: any other order of summation moves them."""
+    return values[len(values) // 3: 2 * len(values) // 3] if name.endswith("in_proj_bias") else None
+
+
+def assert_same_steps(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], start: dict[str, torch.Tensor], key_bias_atol: float) -> None:
+    """Each weight's change from ``start`` the same to rtol 1e-5 of the change's norm (fp32 rounding
+    of sums taken in another order), except the attention key biases, held to ``key_bias_atol``."""
+    for name, w in want.items():
+        g, s = got[name], start[name]
+        if key_bias(name, w) is not None:
+            torch.testing.assert_close(key_bias(name, g), key_bias(name, w), rtol=0, atol=key_bias_atol, msg=lambda m: f"{name}: {m}")
+            d = len(w) // 3
+            g, w, s = (torch.cat([x[:d], x[2 * d:]]) for x in (g, w, s))
+        error, change = float((g - w).norm()), float((w - s).norm())
+        assert error <= 1e-5 * change + 1e-7, f"{name}: the changes differ by {error:.2e}, {error / max(change, 1e-30):.1e} of the change"
+
+
+@pytest.mark.parametrize("code_faithful", [False, True])
+@pytest.mark.parametrize("path", ["shared", "autocast", "dropout"])
+def test_the_step_computes_what_the_stated_algorithm_computes(code_faithful, path):
+    """Three trainer steps of the method against three of ``stated_step`` (A''s AdamW not fused),
+    from the same start, on rows that share images and captions and a bank that maps rows into
+    and out of the batch. Same losses, r, A, A' and A''s moments to fp32 rounding (rtol 1e-5:
+    distinct inputs encoded once, in other batch shapes, sum in another order), except the
+    attention key biases of A' (``key_bias``), held to two of its AdamW steps. Paths: ``shared``
+    (the CPU: memory inputs encoded once, A''s gradient from A's graph), ``autocast`` (bf16
+    autocast, one step: memory inputs encoded once, A' forwards the batch itself), ``dropout`` (a
+    random layer in A: every forward as stated, in the stated order, drawing the same numbers)."""
+    # bf16: after a step, weights that differ in the last fp32 bit may round to different bf16 values, so one step
+    lr, steps = 1e-3, 1 if path == "autocast" else 3
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        method = Npc(build_backbone(BackboneConfig("tiny-vit")), NpcConfig(code_faithful=code_faithful)).train()
+        if path == "dropout":
+            method.backbone.model.visual.patch_dropout = PatchDropout(0.3)
+        models.append(method)
+    method, stated = models
+    stated.load_state_dict(method.state_dict())
+    stated.siamese_optimizer = torch.optim.AdamW([p for p in stated.siamese.parameters() if p.requires_grad], lr=0.0, betas=(0.9, 0.98),
+                                                 eps=1e-6, weight_decay=0.2)
+    rows = Rows(method.backbone, n=16, n_images=6, n_captions=10)
+    bank = {"image_entry": torch.tensor([3, 9, 9, 14, 0, 5]), "text_entry": torch.tensor([0, 1, 1, 12, 4, 4, 6, 15, 8, 3, 10, 10, 12, 2, 14, 15]),
+            "clean_prob": torch.ones(16)}
+    for m in models:
+        m.bank = {k: v.clone() for k, v in bank.items()}
+        m.start_epoch(EpochContext(1, 1, 16, steps, CPU, batch_of=rows))
+    # A by SGD: AdamW would turn the rounding noise of a key bias's gradient into steps of lr (``key_bias``)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0) for m in models]
+    start = {name: value.clone() for name, value in method.backbone.state_dict().items()}
+    def new_step(batch):
+        out = method.training_loss(batch)
+        return out.loss, out.clean
+
+    order = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        batch = rows(torch.randperm(16, generator=order)[:8])
+        batch.lr = lr
+        results = []
+        for optimizer, step in zip(optimizers, [new_step, lambda b: stated_step(stated, b)]):
+            torch.manual_seed(1)  # the same random draws for both, when A draws any
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "autocast"):
+                loss, r = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            results.append((loss.detach(), r.detach()))
+        (loss, r), (want_loss, want_r) = results
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(r, want_r, rtol=1e-5, atol=0)
+    assert method.per_sample(rows(torch.arange(2))) == (path != "dropout")
+    assert_same_steps(method.backbone.state_dict(), stated.backbone.state_dict(), start, key_bias_atol=1e-7)
+    assert_same_steps(method.siamese.state_dict(), stated.siamese.state_dict(), start, key_bias_atol=2 * lr)
+    for got, want in zip(method.siamese_optimizer.state.values(), stated.siamese_optimizer.state.values()):
+        torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=1e-5, atol=1e-6)
+        assert int(got["step"]) == int(want["step"]) == steps
+
+
+def test_distinct_images_and_the_per_sample_check():
+    images = torch.randn(3, 3, 4, 4)
+    batch = Batch(images[[0, 1, 0, 2, 1]], torch.zeros(5, 2, dtype=torch.long), torch.arange(5), torch.tensor([7, 3, 7, 9, 3]))
+    unique, index = distinct_images(batch)
+    assert len(unique) == 3 and torch.equal(unique[index], batch.images)
+    batch.images[2] += 1  # an id whose pixels differ (an augmented copy): nothing is shared
+    unique, index = distinct_images(batch)
+    assert torch.equal(unique, batch.images) and index.tolist() == [0, 1, 2, 3, 4]
+    torch.manual_seed(0)
+    method = Npc(build_backbone(BackboneConfig("tiny-vit"))).train()
+    rows = Rows(method.backbone, n=4)
+    assert method.per_sample(rows(torch.arange(2)))
+    method.backbone.model.visual.patch_dropout = PatchDropout(0.5)
+    method._per_sample.clear()
+    state = torch.get_rng_state()
+    assert not method.per_sample(rows(torch.arange(2)))  # dropout draws random numbers ...
+    assert torch.equal(torch.get_rng_state(), state)  # ... and the check leaves the generator as it was
+    assert method.eval().per_sample(rows(torch.arange(2)))  # not in evaluation mode
+    method = Npc(build_backbone(BackboneConfig("tiny-vit"))).train()
+    method.backbone.model.visual.add_module("norm", torch.nn.BatchNorm1d(4))  # batch statistics
+    assert not method.per_sample(rows(torch.arange(2)))
 
 
 def test_the_mixture_finds_the_lower_mode_and_neighbours_follow_the_keys():
