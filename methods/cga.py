@@ -11,7 +11,8 @@ the projections are made once per text and per image (:meth:`words` / :meth:`reg
 pair costs only products of size m x n x d. Pair tensors broadcast: text parts [Ct, 1, m, .] against
 image parts [1, Ci, n, .] score a grid; gathered [P, m, .] and [P, n, .] score a list of pairs.
 :meth:`CrossGatedAttention.grid` is the same computation for every text of a block against every
-image of a block, without autograd and without broadcast copies (the evaluation and mining path).
+image of a block, without autograd and without broadcast copies (the evaluation and mining path),
+from text-side operands made once per block of texts (:meth:`CrossGatedAttention.grid_words`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, Scratch
+from rsnc_builtin_methods.pnaa import LOG2E, MASKED, SAFE_EXPONENT, Scratch
 
 
 @dataclass
@@ -51,6 +52,19 @@ class Regions:
 
     def map(self, fn) -> "Regions":
         return Regions(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+
+@dataclass
+class GridWords:
+    """The text side of :meth:`CrossGatedAttention.grid` for a block of T texts, made once by
+    :meth:`CrossGatedAttention.grid_words` and reused against every block of images."""
+
+    words: Words
+    affinity: torch.Tensor  # [T m, d]: s u W_a / |u|; times log2 e when shared, so that 2^(affinity . v / |v|) = e^(s a)
+    real: torch.Tensor  # [T, m]: the word mask as floats
+    gate_context: torch.Tensor  # [T, m, d]: u W^v_ctx^T at real words, 0 at padding
+    tokens: torch.Tensor  # [T, m, d]: u at real words, 0 at padding
+    shared: bool  # one exponential, unshifted, for both softmaxes (see grid)
 
 
 @dataclass
@@ -97,41 +111,61 @@ class CrossGatedAttention(nn.Module):
         return Fused(fused_words, fused_regions, mean_word_gate, region_gate.mean((-1, -2)))
 
     @torch.no_grad()
-    def grid(self, words: Words, regions: Regions, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u^ [T, I, m, d], v^ [T, I, n, d]) of every text in ``words`` (parts [T, m, .]) against
-        every image in ``regions`` (parts [I, n, .]): :meth:`forward` on ``words[:, None]`` and
-        ``regions[None]`` up to float rounding, without the gate means and without autograd.
+    def grid_words(self, words: Words) -> GridWords:
+        """The text-side operands of :meth:`grid` for the texts of ``words`` (parts [T, m, .]).
+
+        Each logit s a_ij lies within +-c, c = s max_i |u_i W_a| / |u_i| over the text's words
+        (|v_j / |v_j|| = 1). While 2c <= SAFE_EXPONENT the exponentials of every logit of the block
+        are normal numbers without the softmax's shift (e^-30 to e^30), so :meth:`grid` takes one
+        exponential for both softmaxes, as 2^(logit log2 e), log2 e folded into the text side
+        (torch's exp2 is several times faster than its exp on the CPU). Otherwise :meth:`grid`
+        takes the two softmaxes as :meth:`forward` does."""
+        t, m, d = words.tokens.shape
+        logits = self.scale * words.affinity
+        bound = float(torch.linalg.vector_norm(logits, dim=-1).max()) if logits.numel() else 0.0  # c over the block
+        shared = logits.dtype in (torch.float32, torch.float64) and 2 * bound <= SAFE_EXPONENT
+        real = words.mask.to(logits.dtype)
+        keep = real.unsqueeze(-1)
+        return GridWords(words, (logits * LOG2E if shared else logits).reshape(t * m, d), real,
+                         words.gate_context * keep, words.tokens * keep, shared)
+
+    @torch.no_grad()
+    def grid(self, words: GridWords | Words, regions: Regions, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u^ [T, I, m, d], v^ [T, I, n, d]) of every text in ``words`` (parts [T, m, .], or
+        their :meth:`grid_words`) against every image in ``regions`` (parts [I, n, .]):
+        :meth:`forward` on ``words[:, None]`` and ``regions[None]`` up to float rounding, without
+        the gate means and without autograd.
 
         - One product gives every pair's affinities, [T m, d] @ [d, I n].
-        - Both softmaxes share one exponential when it is safe: each logit s a_ij is at most
-          c = s max_i |u_i W_a| / |u_i| over the text's words (|v_j / |v_j|| = 1), so exp(s a_ij - c)
-          neither overflows nor, while 2c <= SAFE_EXPONENT, underflows; alpha and beta are its row
-          and column normalisations (beta's over real words: a bmm with the mask). Otherwise,
-          the two softmaxes as :meth:`forward` takes them.
+        - Both softmaxes share one exponential when it is safe (:meth:`grid_words`): alpha and beta
+          are its row and column normalisations (beta's over real words: a bmm with the mask).
+          Otherwise, the two softmaxes as :meth:`forward` takes them.
         - Each side's gate and context come from batched products over images (words) and over
-          texts (regions), the gate's own term added inside the product (``baddbmm``).
+          texts (regions), the gate's own term added inside the product (``baddbmm``), the text
+          side's operands zero at padding (so beta needs no mask of its own).
 
         ``scratch``: buffers shared with the other blocks of a grid (:class:`methods.pnaa.Scratch`);
         the results live in it until the next call with the same scratch.
         """
         scratch = scratch or Scratch()
+        side = words if isinstance(words, GridWords) else self.grid_words(words)
+        words = side.words
         (t, m, d), (i, n) = words.tokens.shape, regions.tokens.shape[:2]
-        affinity = self.scale * words.affinity
-        logits = torch.mm(affinity.reshape(t * m, d), regions.unit.reshape(i * n, d).T,
-                          out=scratch.take("logits", (t * m, i * n), affinity)).view(t, m, i, n)
-        real = words.mask.to(logits.dtype)
-        bound = torch.linalg.vector_norm(affinity, dim=-1).amax(-1)  # [T]: c, at least every logit of the text
-        if logits.dtype in (torch.float32, torch.float64) and 2 * float(bound.max()) <= SAFE_EXPONENT:
-            weights = logits.sub_(bound.view(t, 1, 1, 1)).exp_()
+        logits = torch.mm(side.affinity, regions.unit.reshape(i * n, d).T,
+                          out=scratch.take("logits", (t * m, i * n), side.affinity)).view(t, m, i, n)
+        if side.shared:
+            weights = logits.exp2_()  # e^(s a_ij), unshifted
             to_regions = torch.mul(weights, weights.sum(-1, keepdim=True).reciprocal_(),
                                    out=scratch.take("alpha", (t, m, i, n), weights))  # alpha, over the regions of each image
-            column = torch.bmm(real.view(t, 1, m), weights.view(t, m, i * n))  # over the real words of each region
-            to_words = weights.view(t, m, i * n).mul_(column.clamp_min_(1e-30).reciprocal_())  # beta at real words (padding: zeroed parts below)
+            column = torch.bmm(side.real.view(t, 1, m), weights.view(t, m, i * n))  # over the real words of each region
+            # beta at real words (padding: zeroed operands below). A real word's weight is at least e^-30, so the floor
+            # only meets a text without real words, whose weights (at most e^30) it keeps finite.
+            to_words = weights.view(t, m, i * n).mul_(column.clamp_min_(1e-20).reciprocal_())
         else:
             to_regions = torch.softmax(logits, dim=-1)
             to_words = torch.softmax(logits.add_(torch.where(words.mask, 0.0, MASKED).view(t, m, 1, 1)), dim=1).view(t, m, i * n)
-        # Word side, per image: alpha [T m, n] @ [n, d], twice.
-        alpha = to_regions.permute(2, 0, 1, 3).reshape(i, t * m, n)
+        # Word side, per image: alpha [T m, n] @ [n, d], twice (alpha read in place: a strided view).
+        alpha = to_regions.view(t * m, i, n).transpose(0, 1)
         gate = torch.baddbmm(words.gate_self.reshape(1, t * m, d), alpha, regions.gate_context,
                              out=scratch.take("word_gate", (i, t * m, d), alpha)).sigmoid_()
         context = torch.bmm(alpha, regions.tokens, out=scratch.take("word_context", (i, t * m, d), alpha))
@@ -139,9 +173,8 @@ class CrossGatedAttention(nn.Module):
         torch.lerp(context.view(i, t, m, d), words.tokens, gate.view(i, t, m, d), out=fused_words.transpose(0, 1))  # g u + (1 - g) v~
         # Region side, per text: beta^T [I n, m] @ [m, d], twice, over the real words' parts only.
         beta = to_words.transpose(1, 2)
-        keep = real.unsqueeze(-1)
-        gate = torch.baddbmm(regions.gate_self.reshape(1, i * n, d), beta, words.gate_context * keep,
+        gate = torch.baddbmm(regions.gate_self.reshape(1, i * n, d), beta, side.gate_context,
                              out=scratch.take("region_gate", (t, i * n, d), beta)).sigmoid_()
-        fused_regions = torch.bmm(beta, words.tokens * keep, out=scratch.take("fused_regions", (t, i * n, d), beta))
+        fused_regions = torch.bmm(beta, side.tokens, out=scratch.take("fused_regions", (t, i * n, d), beta))
         fused_regions.lerp_(regions.tokens.reshape(1, i * n, d), gate)  # g v + (1 - g) u~
         return fused_words, fused_regions.view(t, i, n, d)

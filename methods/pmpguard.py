@@ -11,9 +11,11 @@ a fraction of the memory. Evaluation scores every text against every image in bl
 size, or, with ``rescore_top_k``, only each text's and each image's top K under the global cosine.
 
 The all-pairs scorer (:meth:`PmpGuard.grid`: evaluation and the batch matrix) is the pair-wise
-one rearranged for speed, exactly (docs/methods/pmpguard.md, "Cost"): texts in length order, one
-affinity product per block, batched gate products (:meth:`CrossGatedAttention.grid`) and PNAA
-without normalised copies (:func:`methods.pnaa.pnaa_scores`).
+one rearranged for speed, exactly (docs/methods/pmpguard.md, "Cost"): each distinct text once,
+texts in length order, their side of CGA made once per block of texts, one affinity product per
+block, one exponential for both CGA softmaxes, batched gate products
+(:meth:`CrossGatedAttention.grid`) and PNAA without normalised copies
+(:func:`methods.pnaa.pnaa_scores`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ BOUNDARY_MODES = ("estimated", "learnable")
 EVAL_BOUNDARIES = ("safe", "train")
 PAIR_BLOCK_ELEMENTS = 2**24  # the largest per-block intermediate ([pairs, words, d]): 64 MB in fp32
 GRID_TEXT_BLOCK = 8  # texts per block of the all-pairs grid, in order of length
-GRID_BLOCK_ELEMENTS = 2**22  # on the CPU, the grid's largest per-block intermediate ([pairs, regions, 2d]): 16 MB
+GRID_BLOCK_ELEMENTS = 2**20  # on the CPU, the grid's largest per-block intermediate ([pairs, regions, d]): 4 MB
 OUTSIDE_TOP_K = 10.0  # pairs outside the top K sit below every re-scored one (|S_PN| <= 4)
 
 
@@ -89,6 +91,18 @@ def trim_text_ids(backbone, ids: torch.Tensor) -> torch.Tensor:
     full-length ones up to float rounding, for a fraction of the text tower's work. Other towers
     get the ids unchanged."""
     return trim_padding_columns(ids) if getattr(backbone, "causal_text", bool)() else ids
+
+
+def distinct_texts(words: Words) -> tuple[Words, torch.Tensor | None]:
+    """(the texts of ``words`` with distinct tokens and mask, the index of each text's copy among
+    them), or (``words``, None) when every text is distinct."""
+    key = torch.cat([words.tokens.flatten(1), words.mask.to(words.tokens.dtype)], 1)
+    distinct, copies = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == len(key):
+        return words, None
+    first = torch.full((len(distinct),), len(key), device=key.device).scatter_reduce_(
+        0, copies, torch.arange(len(key), device=key.device), "amin")  # each distinct text's first row
+    return words.map(lambda x: x[first]), copies
 
 
 def pairs_per_block(words: Words, regions: Regions) -> int:
@@ -145,47 +159,51 @@ class PmpGuard(Method):
         """Every text against every image, without autograd: {name: [n_t, n_i(, m)]} for ``want``
         among "score" and "word_max" (at padding positions NaN or a value to ignore).
 
-        The texts go in order of length, in blocks of GRID_TEXT_BLOCK, each cut to its own longest
-        text; each block of texts meets the images in blocks whose largest intermediate stays within
-        GRID_BLOCK_ELEMENTS (on the CPU; PAIR_BLOCK_ELEMENTS elsewhere). Each block is scored by
-        :meth:`CrossGatedAttention.grid` and :func:`pnaa_scores`: the pair-wise :meth:`pair` up to
-        float rounding, in fp32 whatever autocast the caller is in, the blocks sharing one
-        :class:`Scratch`."""
+        Texts with the same tokens and mask have the same scores: each distinct text is scored once
+        (RSICD's test split repeats captions: 3,330 distinct among 5,465). The texts go in order of
+        length, in blocks of GRID_TEXT_BLOCK, each cut to its own longest text, their side of CGA
+        made once (:meth:`CrossGatedAttention.grid_words`); each block of texts meets the images in
+        blocks whose largest intermediate stays within GRID_BLOCK_ELEMENTS (on the CPU;
+        PAIR_BLOCK_ELEMENTS elsewhere). Each block is scored by :meth:`CrossGatedAttention.grid` and
+        :func:`pnaa_scores`: the pair-wise :meth:`pair` up to float rounding, in fp32 whatever
+        autocast the caller is in (fp64 parts stay fp64), the blocks sharing one :class:`Scratch`."""
         unknown = set(want) - {"score", "word_max"}
         if unknown:
             raise ValueError(f"grid computes score and word_max, not {', '.join(sorted(unknown))}")
         (n_t, m, d), (n_i, n) = words.tokens.shape, regions.tokens.shape[:2]
         device = words.tokens.device
-        out = {name: torch.full((n_t, n_i) + ((m,) if name == "word_max" else ()), math.nan, device=device) for name in want}
         if not n_t or not n_i:
-            return out
-        lengths = (words.mask * torch.arange(1, m + 1, device=device)).amax(1)  # last real position + 1
-        order = torch.argsort(lengths, stable=True)
-        text_block = min(n_t, GRID_TEXT_BLOCK)
-        budget = GRID_BLOCK_ELEMENTS if device.type == "cpu" else PAIR_BLOCK_ELEMENTS  # accelerators: fewer, larger blocks
-        image_block = min(n_i, max(1, budget // (text_block * max(m, n) * max(2 * d, n))))
-        image_block = -(-n_i // -(-n_i // image_block))  # as many blocks, of equal sizes
-        boundary, cfg = self.boundary(), self.config
-        fp32 = lambda x: x.float() if x.is_floating_point() else x  # noqa: E731 (a no-op on fp32 parts)
+            return {name: torch.full((n_t, n_i) + ((m,) if name == "word_max" else ()), math.nan, device=device) for name in want}
+        boundary, cfg = float(self.boundary()), self.config
+        fp32 = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731 (fp32 and fp64 parts as they are)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):  # fp32 under any training autocast, as evaluation
-            words, regions = words.map(fp32), regions.map(fp32)
+            words, copies = distinct_texts(words.map(fp32))
+            regions = regions.map(fp32)
+            n_distinct = len(words.tokens)
+            out = {name: torch.full((n_distinct, n_i) + ((m,) if name == "word_max" else ()), math.nan, device=device,
+                                    dtype=words.tokens.dtype) for name in want}
+            lengths = (words.mask * torch.arange(1, m + 1, device=device)).amax(1)  # last real position + 1
+            order = torch.argsort(lengths, stable=True)
+            text_block = min(n_distinct, GRID_TEXT_BLOCK)
+            budget = GRID_BLOCK_ELEMENTS if device.type == "cpu" else PAIR_BLOCK_ELEMENTS  # accelerators: fewer, larger blocks
+            image_block = min(n_i, max(1, budget // (text_block * max(m, n) * max(d, n))))
+            image_block = -(-n_i // -(-n_i // image_block))  # as many blocks, of equal sizes
             scratch = Scratch()  # the blocks' intermediates, reused from block to block
-            for start in range(0, n_t, text_block):
+            for start in range(0, n_distinct, text_block):
                 rows = order[start: start + text_block]
-                length = max(1, int(lengths[rows].max()))
-                w = words.map(lambda x: x[rows, :length])
+                t, length = len(rows), max(1, int(lengths[rows].max()))
+                side = self.cga.grid_words(words.map(lambda x: x[rows, :length]))  # the text side, once for all images
                 for i in range(0, n_i, image_block):
-                    r = regions.map(lambda x: x[i: i + image_block])
-                    fused_words, fused_regions = self.cga.grid(w, r, scratch)
-                    t, c = fused_words.shape[:2]
-                    mask = w.mask.unsqueeze(1).expand(t, c, length).reshape(t * c, length)
-                    score, word_max = pnaa_scores(fused_words.view(t * c, length, d), fused_regions.reshape(t * c, n, d), mask,
+                    fused_words, fused_regions = self.cga.grid(side, regions.map(lambda x: x[i: i + image_block]), scratch)
+                    c = fused_words.shape[1]
+                    mask = side.words.mask.unsqueeze(1).expand(t, c, length).reshape(t * c, length)
+                    score, word_max = pnaa_scores(fused_words.view(t * c, length, d), fused_regions.view(t * c, n, d), mask,
                                                   boundary, cfg.pnaa_scale, cfg.relevance, scratch)
                     if "score" in out:
                         out["score"][rows, i: i + c] = score.view(t, c)
                     if "word_max" in out:
                         out["word_max"][rows, i: i + c, :length] = word_max.view(t, c, length)
-        return out
+        return out if copies is None else {name: x[copies] for name, x in out.items()}
 
     def pairs(self, words: Words, regions: Regions, text_idx: torch.Tensor, image_idx: torch.Tensor) -> tuple[PnaaOutput, Fused]:
         """The listed (text, image) pairs only. The parts are gathered with ``index_select``: its

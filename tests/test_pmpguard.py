@@ -21,7 +21,7 @@ from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS
 from rsnc_bench.store import CellKey, ResultStore
 from rsnc_builtin_methods.cga import CrossGatedAttention
-from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa
+from rsnc_builtin_methods.pnaa import MASKED, SAFE_EXPONENT, BoundaryEstimate, gaussian_boundary, pnaa, pnaa_scores
 
 from .token_stub import TokenBackbone, token_batch
 
@@ -158,9 +158,9 @@ def test_positive_weights_follow_exp_lambda_of_the_excess():
 
 
 # --- the scorer ------------------------------------------------------------------------------
-def features(n: int, tokens: int, d: int, seed: int, padded: bool = False) -> Features:
+def features(n: int, tokens: int, d: int, seed: int, padded: bool = False, dtype=torch.float32) -> Features:
     g = torch.Generator().manual_seed(seed)
-    t = torch.randn(n, tokens, d, generator=g)
+    t = torch.randn(n, tokens, d, generator=g, dtype=dtype)
     mask = torch.ones(n, tokens, dtype=torch.bool)
     if padded:
         for i in range(n):
@@ -183,7 +183,7 @@ def test_chunked_scoring_equals_unchunked_and_the_per_pair_loop(monkeypatch):
     with torch.no_grad():
         whole = m.score(texts, images)
         monkeypatch.setattr(pmp, "GRID_TEXT_BLOCK", 2)
-        monkeypatch.setattr(pmp, "GRID_BLOCK_ELEMENTS", 2 * 6 * 16 * 2)  # 2 texts x 2 images per block
+        monkeypatch.setattr(pmp, "GRID_BLOCK_ELEMENTS", 2 * 6 * 8 * 2)  # 2 texts x 2 images per block
         blocks = m.score(texts, images)
         loop = brute_force(m, texts, images)
     assert whole.shape == (7, 5)
@@ -222,7 +222,8 @@ def reference_pair(cga: CrossGatedAttention, u: torch.Tensor, mask: torch.Tensor
 
 def reference_grid(m: pmp.PmpGuard, texts: Features, images: Features, boundary: float) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, n_t, n_i = m.config, len(texts.tokens), len(images.tokens)
-    score, word_max = torch.empty(n_t, n_i), torch.full((n_t, n_i, texts.tokens.shape[1]), math.nan)
+    dtype = texts.tokens.dtype
+    score, word_max = torch.empty(n_t, n_i, dtype=dtype), torch.full((n_t, n_i, texts.tokens.shape[1]), math.nan, dtype=dtype)
     for a in range(n_t):
         for b in range(n_i):
             score[a, b], word_max[a, b] = reference_pair(m.cga, texts.tokens[a], texts.mask[a], images.tokens[b], boundary,
@@ -233,31 +234,71 @@ def reference_grid(m: pmp.PmpGuard, texts: Features, images: Features, boundary:
 @pytest.mark.parametrize("affinity_std, scale", [(0.3, 20.0), (3.0, 50.0)])  # the shared exponential / plain softmaxes
 @pytest.mark.parametrize("boundary", [0.0, 0.35])
 @pytest.mark.parametrize("relevance", [True, False])
-def test_grid_equals_the_equations_pair_by_pair(monkeypatch, affinity_std, scale, boundary, relevance):
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_grid_equals_the_equations_pair_by_pair(monkeypatch, affinity_std, scale, boundary, relevance, dtype, tol):
     """The optimised all-pairs scorer (length-ordered text blocks cut to their longest text, one
-    affinity product, batched gate products, PNAA rearranged) against the equations per pair, in
-    any block size; the larger W_a takes the guarded path with the two softmaxes."""
-    m = method(pnaa_scale=scale, relevance=relevance).eval()
+    affinity product, one unshifted exponential for both CGA softmaxes, batched gate products,
+    PNAA rearranged) against the equations per pair, in any block size; the larger W_a takes the
+    guarded path with the two softmaxes, the larger lambda PNAA's shifted one. In fp64 the two
+    agree to 1e-10: what separates them in fp32 is rounding only."""
+    m = method(pnaa_scale=scale, relevance=relevance).eval().to(dtype)
     with torch.no_grad():
         nn.init.normal_(m.cga.affinity, std=affinity_std)
         for gate in (m.cga.word_gate, m.cga.region_gate):
             nn.init.normal_(gate.weight, std=0.3)
     m.estimate.safe = boundary  # the evaluation boundary
-    texts, images = features(7, 7, 8, 11, padded=True), features(5, 5, 8, 12)
+    texts, images = features(7, 7, 8, 11, padded=True, dtype=dtype), features(5, 5, 8, 12, dtype=dtype)
     texts.mask[4, 1] = False  # a hole inside a caption: padding need not be a tail
     with torch.no_grad():
         words, regions = m.parts(texts, images)  # the words cut to the longest caption (6 of 7 positions)
         shared = 2 * float((m.cga.scale * words.affinity).norm(dim=-1).max()) <= SAFE_EXPONENT
-        assert shared == (affinity_std < 1)
+        assert shared == (affinity_std < 1) == m.cga.grid_words(words).shared
         expected, expected_max = reference_grid(m, texts, images, boundary)
         real = words.mask.unsqueeze(1).expand(-1, len(images.tokens), -1)
-        for text_block, elements in [(8, 2**20), (2, 2 * 7 * 16 * 2), (1, 7 * 16)]:
+        for text_block, elements in [(8, 2**20), (2, 2 * 6 * 8 * 2), (1, 6 * 8)]:  # all at once, 2 x 2 and 1 x 1 pairs a block
             monkeypatch.setattr(pmp, "GRID_TEXT_BLOCK", text_block)
             monkeypatch.setattr(pmp, "GRID_BLOCK_ELEMENTS", elements)
             out = m.grid(words, regions, ("score", "word_max"))
-            torch.testing.assert_close(out["score"], expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(out["word_max"][real], expected_max[:, :, :real.shape[-1]][real], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(m.score(texts, images), expected, atol=1e-5, rtol=1e-5)
+            assert out["score"].dtype == dtype
+            torch.testing.assert_close(out["score"], expected, atol=tol, rtol=tol)
+            torch.testing.assert_close(out["word_max"][real], expected_max[:, :, :real.shape[-1]][real], atol=tol, rtol=tol)
+        torch.testing.assert_close(m.score(texts, images), expected, atol=tol, rtol=tol)
+
+
+def test_grid_scores_each_distinct_text_once(monkeypatch):
+    """Copies of a text (same tokens, same mask) are scored once and share its scores and word
+    maxima, wherever they sit; the same tokens under another mask are another text."""
+    m = method().eval()
+    m.estimate.safe = 0.2
+    base, images = features(5, 6, 8, 21, padded=True), features(4, 5, 8, 22)
+    order = torch.tensor([0, 3, 1, 3, 2, 0, 4, 3])  # 8 rows, 5 texts, copies apart from each other
+    mask = base.mask[order].clone()
+    mask[-1] = base.mask[4]  # text 3's tokens under text 4's mask: a sixth text
+    texts = Features(base.embedding[order], base.tokens[order], mask)
+    scored = []
+
+    def counting(words, *args, **kwargs):
+        scored.append(len(words))
+        return pnaa_scores(words, *args, **kwargs)
+
+    monkeypatch.setattr(pmp, "pnaa_scores", counting)
+    monkeypatch.setattr(pmp, "GRID_TEXT_BLOCK", 2)
+    with torch.no_grad():
+        words, regions = m.parts(texts, images)
+        distinct, copies = pmp.distinct_texts(words)
+        assert len(distinct.tokens) == 6 and torch.equal(distinct.tokens[copies], words.tokens)
+        assert torch.equal(distinct.mask[copies], words.mask)
+        out = m.grid(words, regions, ("score", "word_max"))
+        expected, expected_max = reference_grid(m, texts, images, 0.2)
+    assert sum(scored) == 6 * 4  # pairs: each distinct text against each image, once
+    torch.testing.assert_close(out["score"], expected, atol=1e-5, rtol=1e-5)
+    real = words.mask.unsqueeze(1).expand(-1, 4, -1)
+    torch.testing.assert_close(out["word_max"][real], expected_max[:, :, :real.shape[-1]][real], atol=1e-5, rtol=1e-5)
+    for a, b in [(1, 3), (0, 5)]:
+        assert torch.equal(out["score"][a], out["score"][b])
+        torch.testing.assert_close(out["word_max"][a], out["word_max"][b], rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(out["score"][1], out["score"][7])
+    assert pmp.distinct_texts(m.parts(base, images)[0])[1] is None  # all distinct: the words as they are
 
 
 def softmax_form_pnaa(words, regions, word_mask, boundary, scale, relevance):
