@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 from figures import Figure, save, table  # benchmarks/, on sys.path when a script here runs
-from method_costs import BASELINE, EVAL_TARGET, OUTSIDE_TARGET, STEP_TARGET, trained_methods
+from method_costs import BASELINE, EVAL_TARGET, OUTSIDE_TARGET, STEP_TARGET, eval_seconds, trained_methods
 from step_runner import make_runner, step_flops
 
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, get_dataset
-from rsnc_bench.engine.batches import split_tensors
-from rsnc_bench.engine.evaluate import evaluate
 
 MFU_GOAL = 0.40
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}  # dense
@@ -52,18 +49,6 @@ def synced_seconds(runner, steps: int) -> float:
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return runner.seconds(steps)
-
-
-def eval_seconds(method, split, device: torch.device, rounds: int) -> float:
-    tensors = split_tensors(split, method.backbone)
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        evaluate(method, tensors, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
@@ -103,7 +88,7 @@ def main() -> None:
     for _ in range(rounds):
         for name, runner in runners.items():
             best[name] = min(best.get(name, float("inf")), synced_seconds(runner, steps) / steps)
-    evaluation = {name: eval_seconds(runner.method, data["test"], device, rounds) for name, runner in runners.items()}
+    evaluation = {name: eval_seconds(runner.method, data["test"], rounds, device) for name, runner in runners.items()}
     peak = peak_tflops(device, args.peak_tflops)
     achieved = flops / best[BASELINE] / 1e12
     setup.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", peak_bf16_tflops=peak,

@@ -48,13 +48,15 @@ def trained_methods() -> list[str]:
     return [BASELINE] + [n for n in names if n != BASELINE]
 
 
-def eval_seconds(method, split, rounds: int) -> float:
+def eval_seconds(method, split, rounds: int, device: torch.device = torch.device("cpu")) -> float:
     """The best of ``rounds`` test evaluations (encoding and every scorer of the method), in seconds."""
     tensors = split_tensors(split, method.backbone)
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        evaluate(method, tensors, torch.device("cpu"))
+        evaluate(method, tensors, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     return min(times)
 
