@@ -190,7 +190,7 @@ def test_the_selected_epochs_row_scores_are_saved_not_the_last_epochs(tmp_path, 
 
     real_evaluate, calls = trainer_module.evaluate, []
 
-    def val_best_at_epoch_2(method, split, device, chunk, scorers=None):
+    def val_best_at_epoch_2(method, split, device, chunk, scorers=None, cache=None):
         result = real_evaluate(method, split, device, chunk, scorers)
         calls.append(1)
         best = len(calls) == 2  # the second validation, after epoch 2
