@@ -13,10 +13,10 @@ import torch
 from rsnc_bench.backbones import BackboneConfig, build_backbone
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.engine.batches import Preprocess, make_batch, split_tensors, train_batches
-from rsnc_bench.engine.optim import param_groups
+from rsnc_bench.engine.optim import adamw, param_groups
 from rsnc_bench.engine.prefetch import prefetched
 from rsnc_bench.engine.signals import RowSignals, record_signals
-from rsnc_bench.engine.trainer import adamw, autocast_for
+from rsnc_bench.engine.trainer import autocast_for
 from rsnc_bench.methods import METHODS, EpochContext, Method
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsnc_bench.engine.optim import adamw
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, REFERENCE_LOG_SCALE, Batch, EpochContext, LossOutput, Method, MethodConfig, learnable_log_scale
@@ -191,11 +192,8 @@ class Npc(Method):
         object.__setattr__(self, "siamese", siamese)  # not a submodule: the trainer neither steps nor saves it
         cfg = self.config
         params = [p for p in siamese.parameters() if p.requires_grad]
-        options = {"lr": 0.0, "betas": (0.9, cfg.siamese_beta2), "eps": cfg.siamese_eps, "weight_decay": cfg.siamese_weight_decay}
-        try:  # fused where torch has it (the trainer's choice for A), several times faster on the CPU
-            self.siamese_optimizer = torch.optim.AdamW(params, fused=True, **options)
-        except (RuntimeError, TypeError):
-            self.siamese_optimizer = torch.optim.AdamW(params, **options)
+        group = {"params": params, "weight_decay": cfg.siamese_weight_decay}
+        self.siamese_optimizer = adamw([group], 0.0, cfg.siamese_beta2, cfg.siamese_eps)  # fused, as the trainer's for A
         self.bank: dict[str, torch.Tensor] | None = None  # image_entry [n_images], text_entry [n_rows], clean_prob [n_rows]
         self.batch_of = None
         self._per_sample: dict[bool, bool] = {}  # training mode -> whether the backbone's forward is per sample

@@ -96,8 +96,7 @@ def pretrain(recipe: PretrainRecipe, progress: str = "pretraining") -> torch.nn.
     ``recipe.seed``: each epoch shows every image once with one of its captions."""
     from rsnc_bench.backbones import BackboneConfig, build_backbone
     from rsnc_bench.engine.batches import Preprocess
-    from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
-    from rsnc_bench.engine.trainer import adamw
+    from rsnc_bench.engine.optim import adamw, cosine_with_warmup, param_groups, set_lr
 
     torch.manual_seed(recipe.seed)
     encoder = build_backbone(BackboneConfig(recipe.arch))

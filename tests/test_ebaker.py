@@ -187,8 +187,7 @@ def test_optimiser_trajectory_equals_the_straightforward_computations(method_nam
     import copy
 
     from rsnc_bench.backbones import BackboneConfig, build_backbone
-    from rsnc_bench.engine.optim import param_groups
-    from rsnc_bench.engine.trainer import adamw
+    from rsnc_bench.engine.optim import adamw, param_groups
 
     torch.manual_seed(0)
     cls = METHODS.get(method_name)

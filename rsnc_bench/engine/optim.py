@@ -37,3 +37,11 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) 
     for group in optimizer.param_groups:
         group["lr"] = base_lr * group.get("lr_scale", 1.0) * multiplier
     return base_lr * multiplier
+
+
+def adamw(groups: list[dict], lr: float, beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW (beta1 0.9), fused where torch supports it (several times faster on CPU)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps)

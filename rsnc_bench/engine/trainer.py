@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from rsnc_bench.engine.batches import IMAGE_STORAGE, Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
 from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import evaluate, own_metrics
-from rsnc_bench.engine.optim import cosine_with_warmup, param_groups, set_lr
+from rsnc_bench.engine.optim import adamw, cosine_with_warmup, param_groups, set_lr
 from rsnc_bench.engine.prefetch import prefetched
 from rsnc_bench.engine.signals import PairScores, RowSignals, pair_scores, record_signals
 from rsnc_bench.errors import ConfigError, RsncError
@@ -89,14 +89,6 @@ def plain_data(value):
     if isinstance(value, (list, tuple)):
         return [plain_data(v) for v in value] if isinstance(value, list) else tuple(plain_data(v) for v in value)
     return value
-
-
-def adamw(groups: list[dict], lr: float, beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW (beta1 0.9), fused where torch supports it (several times faster on CPU)."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps)
 
 
 def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
