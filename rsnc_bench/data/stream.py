@@ -114,17 +114,35 @@ def shuffled(items: Iterable[T], buffer: int, rng: np.random.RandomState) -> Ite
         yield held[j]
 
 
-def interleaved(streams: Sequence[Iterator[T]]) -> Iterator[tuple[int, T]]:
-    """(stream index, item): one item from each stream in turn, dropping a stream once it is
-    exhausted (DataLoader's in-order round robin over its workers)."""
-    active = list(range(len(streams)))
+def interleaved(streams: Sequence[Iterator[T]], turns: Sequence[int] | None = None) -> Iterator[tuple[int, T]]:
+    """(stream index, item): one item from each stream in turn (in the order ``turns``, default
+    0, 1, ...), dropping a stream once it is exhausted: DataLoader's in-order round robin over its
+    workers."""
+    active = list(range(len(streams)) if turns is None else turns)
+    turn = 0
     while active:
-        for i in list(active):
-            item = next(streams[i], _END)
-            if item is _END:
-                active.remove(i)
-            else:
-                yield i, item
+        i = active[turn]
+        item = next(streams[i], _END)
+        if item is _END:
+            active.pop(turn)
+            turn = turn % len(active) if active else 0
+            continue
+        turn = (turn + 1) % len(active)
+        yield i, item
+
+
+def replayed(streams: Sequence[Iterator], count: int) -> tuple[list[int], list[int]]:
+    """After ``interleaved(streams)`` has given ``count`` items: how many each stream gave, and the
+    streams not known to be exhausted, in the order of their next turns."""
+    given, active, turn, n = [0] * len(streams), list(range(len(streams))), 0, 0
+    while n < count and active:
+        i = active[turn]
+        if next(streams[i], _END) is _END:
+            active.pop(turn)
+            turn = turn % len(active) if active else 0
+            continue
+        given[i], n, turn = given[i] + 1, n + 1, (turn + 1) % len(active)
+    return given, active[turn:] + active[:turn]
 
 
 _END = object()
@@ -220,16 +238,16 @@ class ShardStream:
         """(worker, raw sample) in the rank's order: its workers' slots interleaved."""
         return interleaved([self.raw_slot(epoch, rank, world_size, w, workers) for w in range(workers)])
 
-    def worker_starts(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1) -> list[int]:
-        """How many samples each worker of the rank had yielded when the rank had yielded
-        ``state.yielded`` (by replaying the rank's order without decoding)."""
-        starts = [0] * workers
-        for worker, _ in itertools.islice(self.raw_rank(state.epoch, rank, world_size, workers), state.yielded):
-            starts[worker] += 1
+    def resume_plan(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1) -> tuple[list[int], list[int]]:
+        """When the rank had yielded ``state.yielded`` samples: how many each worker had yielded, and
+        the workers not known to be exhausted in the order of their next turns (replayed without
+        decoding)."""
+        streams = [self.raw_slot(state.epoch, rank, world_size, w, workers) for w in range(workers)]
+        starts, turns = replayed(streams, state.yielded)
         if sum(starts) < state.yielded:
             raise ConfigError(f"stream state {state} is past the end of epoch {state.epoch} on rank {rank} "
                               f"({sum(starts)} samples); it belongs to other data or another world size")
-        return starts
+        return starts, turns
 
     def rank_samples(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1,
                      threads: int = 0) -> Iterator[StreamedSample]:
@@ -241,7 +259,8 @@ class ShardStream:
     def as_dataset(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1) -> ShardStreamDataset:
         """A ``torch`` IterableDataset of the rank's samples from ``state`` on, for a DataLoader with
         ``num_workers=workers`` (or 0 when ``workers`` is 1) and ``batch_size=None``."""
-        return ShardStreamDataset(self, state.epoch, rank, world_size, workers, self.worker_starts(state, rank, world_size, workers))
+        starts, turns = self.resume_plan(state, rank, world_size, workers)
+        return ShardStreamDataset(self, state.epoch, rank, world_size, workers, starts, turns)
 
 
 def ordered_map(fn: Callable[[T], object], items: Iterable[T], threads: int) -> Iterator:
@@ -261,19 +280,25 @@ def ordered_map(fn: Callable[[T], object], items: Iterable[T], threads: int) -> 
 
 
 class ShardStreamDataset(torch.utils.data.IterableDataset):
-    """One rank's stream for a DataLoader: each worker process yields its own slot's samples from
-    its start; the DataLoader's in-order round robin puts them back into the rank's order."""
+    """One rank's stream for a DataLoader. The DataLoader asks its workers in turn from worker 0
+    whenever it starts, so its worker ``i`` serves the slot whose turn is ``i``-th from the resume
+    point (``turns``; workers past the active ones yield nothing) from that slot's start: the
+    in-order round robin then returns the rank's sequence from there."""
 
-    def __init__(self, stream: ShardStream, epoch: int, rank: int, world_size: int, workers: int, starts: list[int]):
+    def __init__(self, stream: ShardStream, epoch: int, rank: int, world_size: int, workers: int, starts: list[int], turns: list[int]):
         super().__init__()
-        self.stream, self.epoch, self.rank, self.world_size, self.workers, self.starts = stream, epoch, rank, world_size, workers, starts
+        self.stream, self.epoch, self.rank, self.world_size, self.workers = stream, epoch, rank, world_size, workers
+        self.starts, self.turns = starts, turns
 
     def __iter__(self) -> Iterator[StreamedSample]:
         info = torch.utils.data.get_worker_info()
-        worker, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, count = (info.id, info.num_workers) if info is not None else (0, 1)
         if count != self.workers:
             raise ConfigError(f"the stream was planned for {self.workers} data-loader workers but runs under {count}; "
                               f"give the DataLoader num_workers={self.workers if self.workers > 1 else 0}")
+        if loader_worker >= len(self.turns):
+            return iter(())
+        worker = self.turns[loader_worker]
         return self.stream.slot_samples(self.epoch, self.rank, self.world_size, worker, self.workers, self.starts[worker])
 
 
