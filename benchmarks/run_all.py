@@ -32,6 +32,7 @@ BENCHMARKS = {
     "method_costs": "3, 4",
     "data_path": "5 and the data path",
     "evaluator_scaling": "6",
+    "streaming_reader": "issue 19: RS5M streamed from shards",
     "gpu_step": "2-4 on a GPU",
 }
 
