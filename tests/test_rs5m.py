@@ -311,3 +311,43 @@ def test_val_images_must_be_in_the_val_shards(tmp_path):
     rewrite_member(shard, first_member(shard, ".img_name"), b"elsewhere.jpg")
     with pytest.raises(DatasetNotFoundError, match="1 of the 14 val/test images are in no val shard"):
         load_dataset("rs5m", release.root, options=OPTIONS)
+
+
+# --- through a full cell -------------------------------------------------------------------------------
+
+def test_stream_train_data_keeps_the_trainers_rows_and_replays_an_epoch_from_its_generator(dataset):
+    from rsnc_bench.backbones import BackboneConfig, build_backbone
+    from rsnc_bench.engine.stream_data import StreamTrainData
+
+    manifest = make_manifest(dataset["train"], "rs5m", "shuffle", 0.5, 42)
+    backbone = build_backbone(BackboneConfig("tiny-b32"))
+    data = StreamTrainData(dataset.stream(3, manifest), backbone.tokenize)
+    clean_rows = np.flatnonzero(manifest.clean)  # the oracle's rows
+    assert data.n_rows == 48 and data.steps(clean_rows, 4) == len(clean_rows) // 4 and not data.random_access
+    batches = list(data.epoch_batches(clean_rows, 4, torch.Generator().manual_seed(7)))
+    assert len(batches) == len(clean_rows) // 4
+    seen = torch.cat([b.rows for b in batches])
+    assert set(seen.tolist()) <= set(clean_rows.tolist()) and len(set(seen.tolist())) == len(seen)
+    assert batches[0].text.shape[0] == 4 and batches[0].images.shape == (4, 3, 32, 32)
+    again = list(data.epoch_batches(clean_rows, 4, torch.Generator().manual_seed(7)))
+    assert all(torch.equal(a.rows, b.rows) and torch.equal(a.images, b.images) for a, b in zip(batches, again))
+    other = list(data.epoch_batches(clean_rows, 4, torch.Generator().manual_seed(8)))
+    assert not all(torch.equal(a.rows, b.rows) for a, b in zip(batches, other))
+    with pytest.raises(ConfigError, match="streamed from shards"):
+        data.raw_rows(torch.tensor([0, 1]))
+
+
+def test_a_streamed_cell_completes_with_detection_metrics(tmp_path, release):
+    from rsnc_bench.backbones import BackboneConfig
+    from rsnc_bench.engine.cell import CellSpec, run_cell
+    from rsnc_bench.store import CellKey, ResultStore
+
+    key = CellKey("rrsitr", "rs5m", "tiny-b32", "rrsitr", 0.4, 42, 3)
+    spec = CellSpec(key, BackboneConfig("tiny-b32"), data_root=str(release.root), train_options=("epochs=2", "batch_size=16"),
+                    dataset_options=tuple(f"{k}={v}" for k, v in OPTIONS.items()))
+    doc = run_cell(spec, ResultStore(tmp_path / "runs"))
+    assert doc["status"] == "complete", doc.get("error")
+    assert doc["detection"]["n_scored"] == 48 and doc["detection"]["n_noisy"] == doc["noise"]["n_noisy"] > 0
+    assert [e["epoch"] for e in doc["history"]] == [1, 2] and doc["test"]["mr"] >= 0
+    assert doc["config"]["dataset"]["splits"] == {"train": [48, 48], "val": [6, 6], "test": [8, 8]}
+    assert not list((tmp_path / "runs" / "cache").rglob("train-*"))  # the train images were streamed, never cached

@@ -1,0 +1,78 @@
+"""Training batches streamed from tar shards, for the trainer (the ``TrainData`` of engine/batches.py).
+
+Each epoch reads the stream of ``rsnc_bench.data.stream`` afresh. Its epoch key is drawn from
+the trainer's order generator, whose state the trainer checkpoints, so a cell resumed after an
+epoch continues with the plan of the epoch it reached, and the same seed gives the same batches.
+The rows the trainer trains on (all, or the clean ones for the oracle) are kept, the others read
+past; batches are full (the incomplete last one is dropped, as ``train_batches`` drops it) and at
+most the epoch's ``steps`` of them are given. Captions are tokenised batch by batch.
+
+Data-parallel (``engine.distributed``): each rank reads its own share of the shards (slot
+``rank``), ``batch_size / world`` samples a step, and the ranks' local batches are gathered into the
+same global batch on every rank; the epoch ends on every rank as soon as one rank runs out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from rsnc_bench.data.stream import ShardStream, StreamBatch, StreamState, batched
+from rsnc_bench.engine import distributed
+from rsnc_bench.engine.batches import RawBatch
+from rsnc_bench.errors import ConfigError
+
+EPOCH_KEYS = 2**31 - 1
+
+
+class StreamTrainData:
+    """``TrainData`` over a ``ShardStream``; ``tokenize`` turns a batch's captions into token ids,
+    ``threads`` decode ahead of the batch being built (0: in the reading thread)."""
+
+    random_access = False  # a stream reads its shards in order: no batch of arbitrary rows
+
+    def __init__(self, stream: ShardStream, tokenize: Callable[[Sequence[str]], torch.Tensor], threads: int = 0):
+        self.stream, self.tokenize, self.threads = stream, tokenize, threads
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.stream.labels)
+
+    def steps(self, rows: np.ndarray, batch_size: int) -> int:
+        world = distributed.world_size()
+        if batch_size % world:
+            raise ConfigError(f"batch_size={batch_size} does not split over {world} data-parallel ranks; give a multiple of {world}")
+        return len(rows) // batch_size
+
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]:
+        epoch = int(torch.randint(EPOCH_KEYS, (1,), generator=generator))
+        keep = np.zeros(self.n_rows, dtype=bool)
+        keep[np.asarray(rows, dtype=np.int64)] = True
+        world, rank = distributed.world_size(), distributed.rank()
+        samples = self.stream.rank_samples(StreamState(epoch), rank, world, threads=self.threads)
+        local = batched((s for s in samples if keep[s.row]), batch_size // world, limit=self.steps(rows, batch_size))
+        for batch in _together(local) if world > 1 else local:
+            yield self._raw(batch)
+
+    def _raw(self, batch: StreamBatch) -> RawBatch:
+        text = self.tokenize(batch.captions)
+        if distributed.world_size() > 1:
+            gathered = [distributed.gather_rows(t) for t in (batch.rows, batch.image_ids, batch.images, batch.sizes, text)]
+            return RawBatch(*gathered)
+        return RawBatch(batch.rows, batch.image_ids, batch.images, batch.sizes, text)
+
+    def raw_rows(self, rows: torch.Tensor) -> RawBatch:
+        raise ConfigError("this method reads arbitrary train rows (EpochContext.batch_of), which a dataset streamed from "
+                          "shards cannot give; choose a method that trains from its batches alone, such as clip-ft or rrsitr")
+
+
+def _together(batches: Iterator[StreamBatch]) -> Iterator[StreamBatch]:
+    """The local batches while every rank still has one (a rank with a smaller share of the shards
+    ends the epoch for all, so that no rank waits on a gather the others never join)."""
+    for batch in batches:
+        if not bool(distributed.gather_rows(torch.ones(1, dtype=torch.uint8)).all()):
+            return
+        yield batch
+    distributed.gather_rows(torch.zeros(1, dtype=torch.uint8))  # tell the others this rank is out
