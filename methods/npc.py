@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsnc_bench.engine import distributed
 from rsnc_bench.engine.optim import adamw
 from rsnc_bench.engine.retrieval import cosine
 from rsnc_bench.errors import ConfigError
@@ -331,6 +332,7 @@ class Npc(Method):
         grads = None
         if losses is not None:
             grads = torch.autograd.grad(2 * losses.mean(), [a for a, _ in paired], retain_graph=keep_graph, allow_unused=True)
+            distributed.average_gradients(grads)  # data-parallel: the global batch's gradient (a no-op in one process)
         with torch.no_grad():
             for mine, base in zip(self.siamese.state_dict().values(), self.backbone.state_dict().values()):
                 mine.copy_(base)
@@ -342,6 +344,7 @@ class Npc(Method):
         self.siamese_optimizer.zero_grad(set_to_none=True)
         if losses is None:
             (2 * self.losses(self.siamese, batch).mean()).backward()
+            distributed.average_gradients(s.grad for _, s in paired)
         else:
             for (_, mine), grad in zip(paired, grads):
                 mine.grad = grad  # None where the loss does not reach the parameter: AdamW skips it, as after backward

@@ -20,7 +20,9 @@ from rsnc_bench.config import check_seed, parse_assignments, parse_floats
 from rsnc_bench.data import DATASETS, Dataset, get_dataset
 from rsnc_bench.data.datasets import DatasetSpec
 from rsnc_bench.data.images import SplitImages
-from rsnc_bench.errors import RsncError
+from rsnc_bench.data.rs5m import StreamedDataset
+from rsnc_bench.data.stream import StreamState
+from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.grid_config import GridConfig, load_grid
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, NoiseManifest, check_rate, import_noisy_csv, make_manifest, manifest_path
@@ -182,6 +184,11 @@ def data_check(
     if cache_dir is not None:
         remove_stale_temporaries(cache_dir)
     for split in data.splits.values():
+        if split.name == "train" and isinstance(data, StreamedDataset):  # RS5M: read every train shard through once
+            streamed = sum(1 for _ in data.stream(0).rank_samples(StreamState(0)))
+            missing = f"; {split.n_rows - streamed} metafile rows have no sample in the shards" if streamed < split.n_rows else ""
+            typer.echo(f"  train: {streamed} images streamed from {len(data.train_shards)} shards and decoded{missing}")
+            continue
         images = SplitImages(split, size, cache_dir)
         if cache_dir is None:
             for i in range(len(images)):
@@ -235,13 +242,18 @@ def run(config: Optional[Path] = None, **values) -> None:
     """Train and evaluate every missing cell of a grid, then print the leaderboard (help: RUN_HELP)."""
     from tqdm.auto import tqdm
 
+    from rsnc_bench.engine import distributed
     from rsnc_bench.results import summary_line
 
     grid = load_grid(config, {name: value for name, value in values.items() if value not in (None, [], ())})  # given ones only
+    if distributed.launched_by_torchrun() and grid.launcher != "inline":
+        raise ConfigError(f"--launcher {grid.launcher} submits cells as jobs; under torchrun, run without --launcher")
     if grid.launcher == "inline":
         from rsnc_bench.grid import run_grid
 
         (docs, skipped, elsewhere), unfinished = run_grid(grid, on_done=lambda doc: tqdm.write(summary_line(doc))), []
+        if not distributed.is_main():  # rank 0 reports for a data-parallel run
+            return
     else:  # through submitit (rsnc_bench/launch.py)
         from rsnc_bench.launch import launch_grid
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsnc_bench.backbones import WeightsNotFoundError, build_backbone, describe_backbones
+from rsnc_bench.engine import distributed
 from rsnc_bench.engine.cell import CellSpec, cache_images, check_inputs, check_recorded_manifest, run_cell
 from rsnc_bench.errors import ConfigError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
@@ -187,6 +188,8 @@ def plan_grid(grid: GridConfig) -> GridPlan:
 
 def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: None) -> GridOutcome:
     """Run every cell that is not complete (each under its lock, so runners can share a folder)."""
+    if distributed.launched_by_torchrun():
+        return _run_data_parallel(grid, on_done)
     plan = plan_grid(grid)
     store, cells, todo = plan.store, plan.cells, plan.todo
     docs, elsewhere = [], 0
@@ -213,6 +216,33 @@ def run_grid(grid: GridConfig, on_done: Callable[[dict], None] = lambda doc: Non
         futures = [pool.submit(_run_in_worker, spec, str(store.root), state, grid.force) for spec, state in todo]
         for future in _progress(as_completed(futures), total=len(futures)):
             done(future.result())
+    return GridOutcome(docs, len(cells) - len(todo), elsewhere)
+
+
+def _run_data_parallel(grid: GridConfig, on_done: Callable[[dict], None]) -> GridOutcome:
+    """The grid under torchrun: every cell one after another, each data-parallel over all the ranks
+    (``engine/distributed.py``). Rank 0 plans the grid (and writes what planning writes); the other
+    ranks take its plan and check their own inputs once it is done (a node-local cache is built there)."""
+    if grid.workers > 1:
+        raise ConfigError("under torchrun every cell spans all the ranks: leave --workers at 0 or 1 (torchrun's --nproc-per-node sets the ranks)")
+    device = distributed.start_from_env(grid.device)
+    plan = plan_grid(grid) if distributed.is_main() else None
+    store, cells, todo = distributed.broadcast(None if plan is None else (str(plan.store.root), plan.cells, plan.todo))
+    store = ResultStore(store)
+    if not distributed.is_main():
+        silence()
+        check_before_training([spec for spec, _ in todo], store)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+    docs, elsewhere = [], 0
+    with torch_threads(None if device.startswith("cuda") else max(1, usable_cores() // local_ranks)):
+        for spec, state in _progress(todo):
+            doc = run_cell(spec, store, device, planned=state, force=grid.force)
+            if doc is None:
+                elsewhere += 1
+            elif distributed.is_main():
+                docs.append(doc)
+                on_done(doc)
+    distributed.barrier()
     return GridOutcome(docs, len(cells) - len(todo), elsewhere)
 
 

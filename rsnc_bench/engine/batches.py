@@ -7,6 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +35,19 @@ class SplitTensors:
     @property
     def n_rows(self) -> int:
         return len(self.text)
+
+    # TrainData
+    random_access = True
+
+    def steps(self, rows: np.ndarray, batch_size: int) -> int:
+        return steps_per_epoch(len(rows), batch_size)
+
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]:
+        return (raw_batch(self, picked, ids) for picked, ids in train_batches(self, rows, batch_size, generator))
+
+    def raw_rows(self, rows: torch.Tensor) -> RawBatch:
+        rows = torch.as_tensor(rows).cpu()
+        return raw_batch(self, rows, self.img_of[rows])
 
 
 IN_MEMORY_SHARE = 0.25  # images="auto" holds a split in memory when it takes at most this share of the available memory
@@ -172,6 +186,35 @@ class Preprocess:
         return (rows.unsqueeze(1) @ x @ cols.unsqueeze(1).transpose(-1, -2)).clamp_(0, 1)
 
 
+class RawBatch(NamedTuple):
+    """A training batch as stored, before preprocessing: train rows [B], the id of each row's image
+    [B], the images (uint8 [B, 3, H, W], native on a common canvas for a training split), their
+    true (height, width) [B, 2] (None: already at the model size) and token ids [B, L]."""
+
+    rows: torch.Tensor
+    image_ids: torch.Tensor
+    images: torch.Tensor
+    sizes: torch.Tensor | None
+    text: torch.Tensor
+
+
+class TrainData(Protocol):
+    """What the trainer draws training batches from: ``SplitTensors`` (the split in memory or
+    memory-mapped), or a stream of shards. Every rank of a data-parallel cell receives the same
+    global batches."""
+
+    @property
+    def n_rows(self) -> int: ...  # rows of the train split (the manifest's), seen or not
+
+    def steps(self, rows: np.ndarray, batch_size: int) -> int: ...  # full batches per epoch over ``rows``
+
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]: ...
+
+    random_access: bool  # whether ``raw_rows`` works (a stream reads its shards in order only)
+
+    def raw_rows(self, rows: torch.Tensor) -> RawBatch: ...  # any rows, in the order given
+
+
 def train_batches(data: SplitTensors, rows: np.ndarray, batch_size: int, generator: torch.Generator):
     """Shuffled batches of train rows; the incomplete last batch is dropped (methods.md 2.9)."""
     order = torch.as_tensor(rows)[torch.randperm(len(rows), generator=generator)]
@@ -181,18 +224,25 @@ def train_batches(data: SplitTensors, rows: np.ndarray, batch_size: int, generat
         yield picked, ids
 
 
-def make_batch(data: SplitTensors, rows: torch.Tensor, image_ids: torch.Tensor, preprocess: Preprocess, device: torch.device) -> Batch:
+def raw_batch(data: SplitTensors, rows: torch.Tensor, image_ids: torch.Tensor) -> RawBatch:
+    return RawBatch(rows, image_ids, data.images[image_ids], None if data.sizes is None else data.sizes[image_ids], data.text[rows])
+
+
+def to_batch(raw: RawBatch, preprocess: Preprocess, device: torch.device) -> Batch:
     """The batch on ``device``; on CUDA the images and tokens are copied from pinned memory without blocking."""
-    sizes = None if data.sizes is None else data.sizes[image_ids]
-    images, text = data.images[image_ids], data.text[rows]
+    images, text = raw.images, raw.text
     if device.type == "cuda":
         images, text = images.pin_memory(), text.pin_memory()
     return Batch(
-        images=preprocess(images, device, sizes),
+        images=preprocess(images, device, raw.sizes),
         text=text.to(device, non_blocking=True),
-        rows=rows.to(device),
-        image_ids=image_ids.to(device),
+        rows=raw.rows.to(device),
+        image_ids=raw.image_ids.to(device),
     )
+
+
+def make_batch(data: SplitTensors, rows: torch.Tensor, image_ids: torch.Tensor, preprocess: Preprocess, device: torch.device) -> Batch:
+    return to_batch(raw_batch(data, rows, image_ids), preprocess, device)
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

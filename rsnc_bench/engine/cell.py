@@ -24,12 +24,15 @@ from rsnc_bench.cell_lock import cell_lock
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.data.datasets import DATASETS, DatasetSpec, get_dataset
 from rsnc_bench.data.images import SplitImages
+from rsnc_bench.data.rs5m import StreamedDataset
 from rsnc_bench.data.split import Split
+from rsnc_bench.engine import distributed
 from rsnc_bench.engine.batches import split_tensors
 from rsnc_bench.engine.detection import detection_metrics
 from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.signals import PairScores
+from rsnc_bench.engine.stream_data import StreamTrainData
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, TrainOutcome, resolve_device
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
@@ -105,7 +108,8 @@ def noise_manifest(train: Split, dataset: str, label: str, key: CellKey, noise_d
         manifest.check_split(train, where=str(path))
         return manifest, path
     manifest = make_manifest(train, dataset, key.noise_protocol, key.noise_rate, key.noise_seed)
-    manifest.save(path)
+    if distributed.is_main():  # the other ranks of a data-parallel cell make the same one in memory
+        manifest.save(path)
     return manifest, path
 
 
@@ -126,7 +130,8 @@ def cache_images(spec: CellSpec, store: ResultStore, image_size: int) -> None:
     cache = _image_cache(store, spec.dataset_label())
     with removed_on_error(cache):  # the caches of the splits before a bad image go too
         for split in data.splits.values():
-            SplitImages(split, None if split.name == "train" else image_size, cache)
+            if not (split.name == "train" and isinstance(data, StreamedDataset)):  # streamed images are decoded as they are read
+                SplitImages(split, None if split.name == "train" else image_size, cache)
 
 
 def _image_cache(store: ResultStore, label: str) -> Path:
@@ -160,13 +165,18 @@ def run_cell(spec: CellSpec, store: ResultStore, device: str | None = None, *, p
 
     Returns None, running nothing, when another runner holds the cell, or has written it since the
     grid saw its result file in state ``planned`` (``ResultStore.state``). ``force`` starts from
-    scratch (the checkpoints go; the old result stays until a new one is complete)."""
+    scratch (the checkpoints go; the old result stays until a new one is complete).
+
+    In a data-parallel cell (``distributed``), rank 0 takes the lock and decides; every rank follows."""
     key = spec.key
+    if not distributed.is_main():
+        return _run_locked(spec, store, device) if distributed.broadcast(None) else None
     with cell_lock(store.lock_path(key), notice=tqdm.write) as held:
-        if not held or (planned is not UNCHECKED and store.state(key) != planned):
-            return None
-        if force:
+        go = bool(held) and (planned is UNCHECKED or store.state(key) == planned)
+        if go and force:
             shutil.rmtree(store.checkpoint_dir(key), ignore_errors=True)
+        if not distributed.broadcast(go):  # after the removal: no rank resumes from what --force removed
+            return None
         return _run_locked(spec, store, device, held)
 
 
@@ -185,11 +195,15 @@ def _run_locked(spec: CellSpec, store: ResultStore, device: str | None, lease=No
     except RsncError as exc:
         record.error = str(exc)
     except Exception as exc:  # a bug in a method must not stop the grid; keep the trace for its author
+        if distributed.active():  # unless the ranks may have parted ways: stop them all (the cell resumes on rerun)
+            raise
         record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         record.traceback = traceback.format_exc()
     record.timings["total_seconds"] = time.perf_counter() - started
     record.finished_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     doc = record.as_dict()
+    if not distributed.is_main():
+        return doc
     if lease is not None and lease.lost:
         tqdm.write(f"{key.label()}: another runner took this cell's lock over while it ran; its result is not written here")
         return None
@@ -239,6 +253,8 @@ def _configure(spec: CellSpec, tconfig: TrainConfig, cell: CellData, record: Res
     record.noise = {"manifest": str(cell.manifest_path), "manifest_hash": manifest.content_hash, "realized_rate": manifest.realized_rate,
                     "n_noisy": manifest.n_noisy, "n_rows": manifest.n_rows}
     record.environment = environment(resolve_device(tconfig.device))
+    if distributed.active():  # one cell over several processes (torchrun): its batches are global, its encoders sharded
+        record.environment["data_parallel_ranks"] = distributed.world_size()
 
 
 def _evaluate_stage(method: Method, trainer: Trainer, outcome: TrainOutcome, test, chunk: int):
@@ -278,7 +294,10 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         record.config["backbone_weights"] = method.backbone.provenance
     cache = _image_cache(store, cell.label)
     train_images = tconfig.images if method.capabilities.trains else "disk"  # never read: left in the cache file
-    train = split_tensors(cell.train_split, method.backbone, cache, native=True, images=train_images)  # crops come from the original images
+    if isinstance(cell.data, StreamedDataset):  # RS5M: train images streamed from the shards, noise applied by row
+        train = StreamTrainData(cell.data.stream(key.train_seed, cell.manifest), method.backbone.tokenize)
+    else:
+        train = split_tensors(cell.train_split, method.backbone, cache, native=True, images=train_images)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache, images=tconfig.images) for s in (cell.data["val"], cell.data["test"]))
     clean = cell.manifest.clean
     rows = TRAIN_ROWS[spec.method.rows](clean)  # a data variant (the oracle) trains on the clean rows only
@@ -291,14 +310,16 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
                 epoch["detection_others"] = {name: detection_metrics(score, clean).as_dict() for name, score in scores.others.items()}
 
     fingerprint = _fingerprint(record.config, record.noise["manifest_hash"], key.as_dict())
+    # a data-parallel cell encodes (collectively) whatever rank 0 would, so no rank may find a cache hit alone
+    embeddings = None if distributed.active() else EmbeddingCache(cache / "embeddings")
     trainer = Trainer(method, tconfig, train, rows, val, key.train_seed, store.checkpoint_dir(key), fingerprint, record_detection,
-                      captions=cell.train_split.captions, embeddings=EmbeddingCache(cache / "embeddings"))
-    outcome = trainer.fit()
-
-    eval_started = time.perf_counter()
-    last, selected = _evaluate_stage(method, trainer, outcome, test, tconfig.eval_chunk)
+                      captions=cell.train_split.captions, embeddings=embeddings)
+    with distributed.sharded_encoders(method):
+        outcome = trainer.fit()
+        eval_started = time.perf_counter()
+        last, selected = _evaluate_stage(method, trainer, outcome, test, tconfig.eval_chunk)
     scores = trainer.selected_scores()
-    if scores is not None:  # per-row scores, for ROC curves in the report
+    if scores is not None and distributed.is_main():  # per-row scores, for ROC curves in the report
         record.detection_scores = store.write_scores(key, scores.clean_score, clean, scores.flagged_noisy)
     _assemble_stage(record, outcome, last, selected)
     record.timings["eval_seconds"] = time.perf_counter() - eval_started

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rsnc_bench.engine.batches import IMAGE_STORAGE, Preprocess, SplitTensors, make_batch, steps_per_epoch, train_batches
+from rsnc_bench.engine import distributed
+from rsnc_bench.engine.batches import IMAGE_STORAGE, Preprocess, SplitTensors, TrainData, to_batch
 from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import evaluate, own_metrics
 from rsnc_bench.engine.optim import adamw, cosine_with_warmup, param_groups, set_lr
@@ -151,7 +152,7 @@ class Trainer:
     that does not train reuse its encoded val split across cells.
     """
 
-    def __init__(self, method: Method, config: TrainConfig, train: SplitTensors, rows: np.ndarray, val: SplitTensors,
+    def __init__(self, method: Method, config: TrainConfig, train: TrainData, rows: np.ndarray, val: SplitTensors,
                  seed: int, ckpt_dir: Path, fingerprint: str, on_epoch: Callable[[PairScores | None, dict], None] | None = None,
                  captions: Sequence[str] = (), embeddings: EmbeddingCache | None = None):
         self.method, self.config, self.train, self.rows, self.val = method, config, train, rows, val
@@ -171,7 +172,7 @@ class Trainer:
         cfg = self.config
         if not self.method.capabilities.trains or cfg.epochs == 0:
             return self._evaluate_only()
-        steps = steps_per_epoch(len(self.rows), cfg.batch_size)
+        steps = self.train.steps(self.rows, cfg.batch_size)
         if steps == 0:
             raise ConfigError(f"{len(self.rows)} train rows make no full batch of {cfg.batch_size}; lower batch_size")
         groups = param_groups(self.method, cfg.weight_decay, self.method.param_groups())
@@ -189,10 +190,10 @@ class Trainer:
         for epoch in epochs:
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
-                                                 getattr(self.method.backbone, "tokenizer", None), self.signals, self._batch_of))
+                                                 getattr(self.method.backbone, "tokenizer", None), self.signals,
+                                                 self._batch_of if self.train.random_access else None))
             started, losses, logs = time.perf_counter(), [], []
-            built = (make_batch(self.train, rows, image_ids, preprocess, self.device)
-                     for rows, image_ids in train_batches(self.train, self.rows, cfg.batch_size, order_gen))
+            built = (to_batch(raw, preprocess, self.device) for raw in self.train.epoch_batches(self.rows, cfg.batch_size, order_gen))
             with contextlib.closing(prefetched(built, cfg.prefetch)) as stream:
                 waited, lr = self._train_epoch(stream, epoch, steps, total, state, optimizer, scaler, losses, logs)
             seconds = time.perf_counter() - started
@@ -209,6 +210,7 @@ class Trainer:
                 self._best, best_unsaved = copy.deepcopy(self.method.state_dict()), True
                 self._best_scores = scores
             state["epoch"] = epoch
+            self._agree_across_ranks()
             epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
             if epoch < cfg.epochs and time.perf_counter() - saved_at >= cfg.checkpoint_seconds:
                 if best_unsaved:  # before last.pt: a resumed run must find the best its state names
@@ -243,6 +245,8 @@ class Trainer:
         return self._best_scores
 
     def clear_resume_state(self) -> None:
+        if not distributed.is_main():
+            return
         (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
         if not self.config.keep_checkpoints:
             (self.ckpt_dir / "best.pt").unlink(missing_ok=True)
@@ -268,6 +272,7 @@ class Trainer:
                 raise Diverged(f"the loss became {out.loss.item()} at epoch {epoch}, step {state['step'] + 1}; lower lr or use precision=fp32")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.loss).backward()
+            distributed.average_gradients(p.grad for p in self.method.parameters())  # data-parallel: the global batch's gradient
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
@@ -279,8 +284,19 @@ class Trainer:
 
     def _batch_of(self, rows: torch.Tensor):
         """Train rows as a Batch, un-augmented (``EpochContext.batch_of``)."""
-        rows = torch.as_tensor(rows).cpu()
-        return make_batch(self.train, rows, self.train.img_of[rows], self._plain, self.device)
+        return to_batch(self.train.raw_rows(rows), self._plain, self.device)
+
+    def _agree_across_ranks(self) -> None:
+        """Data-parallel ranks hold the same weights and signals after an epoch, as they apply the same
+        averaged gradients and decide on the same gathered features; should a kernel's rounding ever
+        make them differ, rank 0's state is taken, with a notice, rather than training on apart."""
+        state = {"model": self.method.state_dict(), "signals": self.signals.state()}
+        if distributed.ranks_agree(state):
+            return
+        tqdm.write("data-parallel ranks hold different weights or signals after this epoch; continuing from rank 0's")
+        synced = distributed.broadcast({name: plain_data(value) for name, value in state.items()})
+        self.method.load_state_dict(synced["model"])
+        self.signals.load(synced["signals"])
 
     def _validate(self):
         """Clean-val metrics of the method's own scorer (what selects the epoch)."""
@@ -297,6 +313,8 @@ class Trainer:
                                "scores": None if self._best_scores is None else dataclasses.asdict(self._best_scores)})
 
     def _save(self, name: str, payload: dict) -> None:
+        if not distributed.is_main():  # rank 0 writes what every rank resumes from
+            return
         atomic_write(self.ckpt_dir / name, lambda fh: torch.save(plain_data(payload), fh))
 
     def _load(self, path: Path) -> dict | None:
