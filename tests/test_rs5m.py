@@ -351,3 +351,10 @@ def test_a_streamed_cell_completes_with_detection_metrics(tmp_path, release):
     assert [e["epoch"] for e in doc["history"]] == [1, 2] and doc["test"]["mr"] >= 0
     assert doc["config"]["dataset"]["splits"] == {"train": [48, 48], "val": [6, 6], "test": [8, 8]}
     assert not list((tmp_path / "runs" / "cache").rglob("train-*"))  # the train images were streamed, never cached
+
+
+def test_data_check_streams_every_train_shard(release, tmp_path):
+    args = ["data", "check", "-d", "rs5m", "--data-root", str(release.root)] + [a for k, v in OPTIONS.items() for a in ("-o", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "train: 48 images streamed from 6 shards and decoded" in result.output and "test: 8 images decoded" in result.output
