@@ -358,3 +358,36 @@ def test_data_check_streams_every_train_shard(release, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "train: 48 images streamed from 6 shards and decoded" in result.output and "test: 8 images decoded" in result.output
+
+
+def _ddp_epoch(rank: int, root: str, out: str, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from rsnc_bench.engine.stream_data import StreamTrainData
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RSNC_BENCH_CACHE=str(Path(out) / "cache"))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        data = StreamTrainData(load_dataset("rs5m", root, options=OPTIONS).stream(3), lambda caps: torch.zeros(len(caps), 5, dtype=torch.long))
+        batches = list(data.epoch_batches(np.arange(48), 8, torch.Generator().manual_seed(1)))
+        torch.save([(b.rows, b.images) for b in batches], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_read_their_shares_and_get_the_same_global_batches(release, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_epoch, args=(str(release.root), str(tmp_path), port), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(first) == len(second) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    rows = torch.cat([b[0] for b in first]).tolist()
+    assert sorted(rows) == list(range(48))  # every row once per epoch over the two ranks' shares
