@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 from rsnc_bench.engine import distributed
 from rsnc_bench.grid import run_grid
 from rsnc_bench.grid_config import GridConfig
+from rsnc_bench.methods import METHODS
 from rsnc_bench.store import ResultStore
+from rsnc_builtin_methods.rrsitr import Rrsitr
 
 from .conftest import TINY_SYNTHETIC
 
@@ -113,3 +115,39 @@ def test_torchrun_runs_a_cell_across_two_processes(tmp_path, synthetic, syntheti
     assert doc["status"] == "complete" and doc["environment"]["data_parallel_ranks"] == 2
     assert done.stdout.count("1 cells run (0 failed)") == 1  # rank 0 reports, once
     assert (out / "report" / "report.html").is_file()
+
+
+class Interrupt(BaseException):
+    """Stands in for a killed job: not an Exception, so the cell writes no result."""
+
+
+@METHODS.register("test-rrsitr-interrupted")
+class InterruptedRrsitr(Rrsitr):
+    """rrsitr stopped at the start of epoch 2 when $RSNC_TEST_INTERRUPT is set (a test double)."""
+
+    def start_epoch(self, ctx):
+        if ctx.epoch == 2 and os.environ.get("RSNC_TEST_INTERRUPT"):
+            raise Interrupt
+        super().start_epoch(ctx)
+
+
+def _interrupted_rank(rank: int, world: int, port: int, grid: GridConfig, cache: str) -> None:
+    os.environ["RSNC_TEST_INTERRUPT"] = "1"
+    with pytest.raises(Interrupt):
+        _rank_main(rank, world, port, grid, cache)
+
+
+@pytest.mark.slow
+def test_a_data_parallel_cell_resumes_from_rank_0s_checkpoint(tmp_path, synthetic, synthetic_root, tiny_cache):
+    out = tmp_path / "parallel"
+    grid = _grid(out, synthetic_root, ("test-rrsitr-interrupted",))
+    mp.spawn(_interrupted_rank, args=(2, _free_port(), grid, str(tiny_cache)), nprocs=2)
+    (ckpt,) = [p for p in out.rglob("last.pt")]
+    assert torch.load(ckpt, weights_only=False)["state"]["epoch"] == 1 and not list(ResultStore(out).iter_results())
+    mp.spawn(_rank_main, args=(2, _free_port(), grid, str(tiny_cache)), nprocs=2)  # every rank resumes from it
+    straight = tmp_path / "single"
+    run_grid(_grid(straight, synthetic_root, ("test-rrsitr-interrupted",)))
+    (resumed,), (single,) = _results(out).values(), _results(straight).values()
+    assert resumed["status"] == "complete" and len(resumed["history"]) == 2
+    assert _losses(resumed) == pytest.approx(_losses(single), rel=1e-4)
+    assert not list(out.rglob("*.pt"))
