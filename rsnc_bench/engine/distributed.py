@@ -152,12 +152,14 @@ def _sharded(encode):
 
 @contextlib.contextmanager
 def sharded_encoders(module: torch.nn.Module):
-    """Within the block, every ``DualEncoder`` in ``module`` (the backbone, NPC's siamese copy,
-    OSA's estimator) encodes its share of the rows on each rank and gathers the rest."""
+    """Within the block, every ``DualEncoder`` of ``module`` (the backbone, and those a method holds
+    outside its modules: NPC's siamese copy, OSA's estimator) encodes its share of the rows on each
+    rank and gathers the rest."""
     if not active():
         yield
         return
-    encoders = [m for m in module.modules() if isinstance(m, DualEncoder)]
+    held = [m for value in vars(module).values() if isinstance(value, torch.nn.Module) for m in value.modules()]  # held outside the module
+    encoders = list({id(m): m for m in [*module.modules(), *held] if isinstance(m, DualEncoder)}.values())
     for encoder in encoders:
         encoder.encode_image = _sharded(encoder.encode_image)
         encoder.encode_text = _sharded(encoder.encode_text)
