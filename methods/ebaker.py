@@ -195,8 +195,9 @@ class Ebaker(ClipPipeline):
                               "its threshold lags the model (methods.md 4.4); bank_size=0 sizes it to one epoch", stacklevel=2)
             gen = torch.Generator().manual_seed(0)
             self.banks = {name: SimilarityBank(size, cfg.bank_init == "normal", gen) for name in (("global", "local") if self.split else ("global",))}
-        for name, bank in self.banks.items():
-            self.thresholds[name] = bank.threshold(cfg.effective_drop_ratio)
+        if not ctx.resumed_steps:  # within an epoch the bank has moved on: its start's thresholds are in the saved state
+            for name, bank in self.banks.items():
+                self.thresholds[name] = bank.threshold(cfg.effective_drop_ratio)
         self.eliminating = ctx.epoch - 1 >= cfg.drop_epoch
 
     # --- training -----------------------------------------------------------------------

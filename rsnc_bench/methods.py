@@ -103,6 +103,9 @@ class EpochContext:
     # any train rows (as paired) as a Batch on the device, images by the evaluation transform
     # (no augmentation): a memory bank's entries, a pass over the train set
     batch_of: Callable[[torch.Tensor], Batch] | None = None
+    # steps of this epoch taken before the cell was interrupted and resumed from within the epoch: the
+    # epoch-start decisions were made then, and come back in the method's saved state
+    resumed_steps: int = 0
 
 
 class Method(nn.Module):

@@ -7,7 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Protocol
+from typing import Any, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -42,8 +42,10 @@ class SplitTensors:
     def steps(self, rows: np.ndarray, batch_size: int) -> int:
         return steps_per_epoch(len(rows), batch_size)
 
-    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]:
-        return (raw_batch(self, picked, ids) for picked, ids in train_batches(self, rows, batch_size, generator))
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator, resume: int | None = None) -> Iterator[RawBatch]:
+        done = resume or 0  # batches taken before: the same order is drawn, and they are passed over
+        return (raw_batch(self, picked, ids)._replace(position=i + 1)
+                for i, (picked, ids) in enumerate(train_batches(self, rows, batch_size, generator)) if i >= done)
 
     def raw_rows(self, rows: torch.Tensor) -> RawBatch:
         rows = torch.as_tensor(rows).cpu()
@@ -141,6 +143,13 @@ class Preprocess:
             x = self.resized_crop(x, top.to(device), left.to(device), height.to(device), width.to(device))
         return (x - self.mean.to(device)) / self.std.to(device)
 
+    def skip(self, batches: int, rows: int) -> None:
+        """Draw what ``batches`` training batches of ``rows`` images would draw from the generator (a
+        crop's draws do not depend on the image), so that a resumed epoch crops as it would have."""
+        if self.augment:
+            for _ in range(batches):
+                self.crop_boxes(torch.ones(rows, 2, dtype=torch.long))
+
     def crop_boxes(self, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(top, left, height, width), each [B] long: torchvision's RandomResizedCrop.get_params for a
         batch. Ten attempts of area in ``scale`` and log-uniform aspect in ``ratio``; the first whose
@@ -196,6 +205,7 @@ class RawBatch(NamedTuple):
     images: torch.Tensor
     sizes: torch.Tensor | None
     text: torch.Tensor
+    position: Any = None  # where the epoch stands after this batch: given back to ``epoch_batches``, it goes on from here
 
 
 class TrainData(Protocol):
@@ -208,7 +218,9 @@ class TrainData(Protocol):
 
     def steps(self, rows: np.ndarray, batch_size: int) -> int: ...  # full batches per epoch over ``rows``
 
-    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]: ...
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator, resume: Any = None) -> Iterator[RawBatch]:
+        """The epoch's batches, drawing its order from ``generator``; ``resume``: a batch's ``position``
+        (the generator in the state it had at the epoch's start), to go on after that batch."""
 
     random_access: bool  # whether ``raw_rows`` works (a stream reads its shards in order only)
 

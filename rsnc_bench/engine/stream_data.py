@@ -46,22 +46,42 @@ class StreamTrainData:
             raise ConfigError(f"batch_size={batch_size} does not split over {world} data-parallel ranks; give a multiple of {world}")
         return len(rows) // batch_size
 
-    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[RawBatch]:
+    def epoch_batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator,
+                      resume: dict | None = None) -> Iterator[RawBatch]:
+        """``resume``: a batch's ``position``, {"steps": batches given, "read": samples each rank had
+        read from its stream}; the epoch goes on from there without decoding what was read."""
         epoch = int(torch.randint(EPOCH_KEYS, (1,), generator=generator))
         keep = np.zeros(self.n_rows, dtype=bool)
         keep[np.asarray(rows, dtype=np.int64)] = True
         world, rank = distributed.world_size(), distributed.rank()
-        samples = self.stream.rank_samples(StreamState(epoch), rank, world, threads=self.threads)
-        local = batched((s for s in samples if keep[s.row]), batch_size // world, limit=self.steps(rows, batch_size))
-        for batch in _together(local) if world > 1 else local:
-            yield self._raw(batch)
+        steps, read = (resume["steps"], resume["read"][rank]) if resume else (0, 0)
+        samples = self.stream.rank_samples(StreamState(epoch, read), rank, world, threads=self.threads)
+        read_so_far = [read]
 
-    def _raw(self, batch: StreamBatch) -> RawBatch:
+        def kept():
+            for sample in samples:
+                read_so_far[0] += 1
+                if keep[sample.row]:
+                    yield sample
+
+        local = batched(kept(), batch_size // world, limit=self.steps(rows, batch_size) - steps)
+        for batch in _together(local) if world > 1 else local:
+            steps += 1
+            yield self._raw(batch, {"steps": steps, "read": self._everyones(read_so_far[0])})
+
+    @staticmethod
+    def _everyones(read: int) -> list[int]:
+        """Every rank's count of samples read (each rank's stream resumes from its own)."""
+        if distributed.world_size() == 1:
+            return [read]
+        return distributed.gather_rows(torch.tensor([read])).tolist()
+
+    def _raw(self, batch: StreamBatch, position: dict) -> RawBatch:
         text = self.tokenize(batch.captions)
         if distributed.world_size() > 1:
             gathered = [distributed.gather_rows(t) for t in (batch.rows, batch.image_ids, batch.images, batch.sizes, text)]
-            return RawBatch(*gathered)
-        return RawBatch(batch.rows, batch.image_ids, batch.images, batch.sizes, text)
+            return RawBatch(*gathered, position=position)
+        return RawBatch(batch.rows, batch.image_ids, batch.images, batch.sizes, text, position)
 
     def raw_rows(self, rows: torch.Tensor) -> RawBatch:
         raise ConfigError("this method reads arbitrary train rows (EpochContext.batch_of), which a dataset streamed from "

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_chunk: int = 1024
     keep_checkpoints: bool = False  # keep best.pt after the cell completes
     checkpoint_seconds: float = 30.0  # write the resume checkpoint after an epoch once this long has passed since the last (0: every epoch)
+    step_checkpoint_seconds: float = 600.0  # and within an epoch, after a step, once this long has passed (inf: only after epochs)
     images: str = "auto"  # memory | disk | auto: hold decoded splits in memory, or read them from the memory-mapped image cache
     prefetch: int = 2  # batches a background worker builds ahead of the training step (0: built inline)
 
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError(f"train option prefetch={self.prefetch}; give 0 (build batches inline) or more, e.g. prefetch=2")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"train option adam_beta2={self.adam_beta2}; give a number in (0, 1), e.g. adam_beta2=0.98")
+        if not self.step_checkpoint_seconds >= 0:  # inf allowed: never within an epoch
+            raise ConfigError(f"train option step_checkpoint_seconds={self.step_checkpoint_seconds}; give seconds >= 0, or inf")
         for name, low, strict in _RANGES:
             value = getattr(self, name)
             if not math.isfinite(value) or value < low or (strict and value == low):
@@ -183,45 +186,42 @@ class Trainer:
         state = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_mr": -math.inf, "train_seconds": 0.0, "samples": 0}
         self.signals.ensure(self.train.n_rows)  # one entry per manifest row, seen or not
         state = self._resume(state, optimizer, scaler, order_gen, augment_gen)
-        best_unsaved, saved_at = False, time.perf_counter()
+        self._best_unsaved, self._saved_at = False, time.perf_counter()
         preprocess = Preprocess(self.method.backbone, augment=cfg.augment, generator=augment_gen)
         total = steps * cfg.epochs
         epochs = bar(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="ep", leave=False, initial=state["epoch"], total=cfg.epochs)
         for epoch in epochs:
+            # this epoch's progress: resumed from a checkpoint written within it, else from its start
+            progress = state.pop("partial", None) or {"steps": 0, "losses": [], "logs": [], "waited": 0.0, "seconds": 0.0, "position": None}
+            at_start = order_gen.get_state(), augment_gen.get_state()  # a checkpoint within the epoch replays it from here
             self.method.train()
             self.method.start_epoch(EpochContext(epoch, cfg.epochs, len(self.rows), steps, self.device, self.captions,
                                                  getattr(self.method.backbone, "tokenizer", None), self.signals,
-                                                 self._batch_of if self.train.random_access else None))
-            started, losses, logs = time.perf_counter(), [], []
-            built = (to_batch(raw, preprocess, self.device) for raw in self.train.epoch_batches(self.rows, cfg.batch_size, order_gen))
+                                                 self._batch_of if self.train.random_access else None, progress["steps"]))
+            preprocess.skip(progress["steps"], cfg.batch_size)  # the crops of the steps taken before the interruption
+            raws = self.train.epoch_batches(self.rows, cfg.batch_size, order_gen, progress["position"])
+            built = ((raw.position, to_batch(raw, preprocess, self.device)) for raw in raws)
+            save_within = lambda: self._checkpoint({**state, "partial": progress}, optimizer, scaler, at_start)  # noqa: E731
             with contextlib.closing(prefetched(built, cfg.prefetch)) as stream:
-                waited, lr = self._train_epoch(stream, epoch, steps, total, state, optimizer, scaler, losses, logs)
-            seconds = time.perf_counter() - started
-            state["train_seconds"] += seconds
+                lr = self._train_epoch(stream, epoch, steps, total, state, optimizer, scaler, progress, save_within)
+            state["train_seconds"] += progress["seconds"]
             state["samples"] += steps * cfg.batch_size
             val = self._validate()
             scores = pair_scores(self.signals)
-            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": seconds,
-                     "data_seconds": waited, "val": val.as_dict(), "logs": _mean_logs(logs)}
+            entry = {"epoch": epoch, "loss": float(np.mean(progress["losses"])), "lr": lr, "seconds": progress["seconds"],
+                     "data_seconds": progress["waited"], "val": val.as_dict(), "logs": _mean_logs(progress["logs"])}
             self.on_epoch(scores, entry)
             state["history"].append(entry)
             if val.mr > state["best_mr"]:
                 state["best_mr"], state["best_epoch"] = val.mr, epoch
-                self._best, best_unsaved = copy.deepcopy(self.method.state_dict()), True
+                self._best, self._best_unsaved = copy.deepcopy(self.method.state_dict()), True
                 self._best_scores = scores
             state["epoch"] = epoch
             self._agree_across_ranks()
             epochs.set_postfix(loss=f"{entry['loss']:.3f}", val_mR=f"{val.mr:.2f}")
-            if epoch < cfg.epochs and time.perf_counter() - saved_at >= cfg.checkpoint_seconds:
-                if best_unsaved:  # before last.pt: a resumed run must find the best its state names
-                    self._save_best(state["best_epoch"])
-                self._save("last.pt", {
-                    "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(), "signals": self.signals.state(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "order_gen": order_gen.get_state(), "augment_gen": augment_gen.get_state(),
-                })
-                best_unsaved, saved_at = False, time.perf_counter()
-        if cfg.keep_checkpoints and best_unsaved:
+            if epoch < cfg.epochs and time.perf_counter() - self._saved_at >= cfg.checkpoint_seconds:
+                self._checkpoint(state, optimizer, scaler, (order_gen.get_state(), augment_gen.get_state()))
+        if cfg.keep_checkpoints and self._best_unsaved:
             self._save_best(state["best_epoch"])
         return TrainOutcome(state["history"], state["best_epoch"], state["train_seconds"], state["samples"], self.precision)
 
@@ -254,17 +254,23 @@ class Trainer:
                 self.ckpt_dir.rmdir()
 
     # --- internals ----------------------------------------------------------------------
-    def _train_epoch(self, stream, epoch: int, steps: int, total: int, state: dict, optimizer, scaler,
-                     losses: list, logs: list) -> tuple[float, float]:
-        """One epoch's steps over the batches of ``stream``: (seconds spent waiting for batches, the last step's lr)."""
-        cfg, waited, lr = self.config, 0.0, 0.0
-        batches = iter(bar(stream, desc=f"epoch {epoch}", total=steps, unit="batch", leave=False))
+    def _train_epoch(self, stream, epoch: int, steps: int, total: int, state: dict, optimizer, scaler, progress: dict,
+                     save_within: Callable[[], None]) -> float:
+        """The epoch's remaining steps over the (resume position, batch) pairs of ``stream``, kept in
+        ``progress`` (steps, losses, logs, seconds, seconds waiting for batches, the data's position),
+        with a checkpoint within the epoch (``save_within``) once ``step_checkpoint_seconds`` have
+        passed since the last; returns the last step's lr."""
+        cfg, lr = self.config, 0.0
+        started, before = time.perf_counter(), progress["seconds"]
+        batches = iter(bar(stream, desc=f"epoch {epoch}", total=steps, initial=progress["steps"], unit="batch", leave=False))
         while True:
             asked = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - asked
-            if batch is None:
-                return waited, lr
+            item = next(batches, None)
+            progress["waited"] += time.perf_counter() - asked
+            if item is None:
+                progress["seconds"] = before + time.perf_counter() - started
+                return lr
+            position, batch = item
             lr = batch.lr = set_lr(optimizer, cfg.lr, cosine_with_warmup(state["step"], total, cfg.warmup_steps))
             with self.autocast():
                 out = self.method.training_loss(batch)
@@ -278,9 +284,14 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             record_signals(self.signals, batch.rows, out)
-            losses.append(out.loss.item())
-            logs.append(out.logs)
+            progress["losses"].append(out.loss.item())
+            progress["logs"].append(out.logs)
+            progress["steps"] += 1
+            progress["position"] = position
             state["step"] += 1
+            if progress["steps"] < steps and time.perf_counter() - self._saved_at >= cfg.step_checkpoint_seconds:
+                progress["seconds"] = before + time.perf_counter() - started
+                save_within()
 
     def _batch_of(self, rows: torch.Tensor):
         """Train rows as a Batch, un-augmented (``EpochContext.batch_of``)."""
@@ -307,6 +318,18 @@ class Trainer:
         entry = {"epoch": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "val": val.as_dict()}
         self.on_epoch(None, entry)
         return TrainOutcome([entry], 0, 0.0, 0, self.precision)
+
+    def _checkpoint(self, state: dict, optimizer, scaler, generators: tuple) -> None:
+        """Write ``last.pt`` (everything a resumed run needs; ``generators``: the order and crop
+        generators' states to resume with), after ``best.pt`` when the best epoch is not on disk yet."""
+        if self._best_unsaved:  # before last.pt: a resumed run must find the best its state names
+            self._save_best(state["best_epoch"])
+        self._save("last.pt", {
+            "fingerprint": self.fingerprint, "state": state, "model": self.method.state_dict(), "signals": self.signals.state(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "order_gen": generators[0], "augment_gen": generators[1],
+            "torch_rng": torch.get_rng_state(),
+        })
+        self._best_unsaved, self._saved_at = False, time.perf_counter()
 
     def _save_best(self, epoch: int) -> None:
         self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": self._best,
@@ -343,5 +366,9 @@ class Trainer:
         scaler.load_state_dict(saved["scaler"])
         order_gen.set_state(saved["order_gen"])
         augment_gen.set_state(saved["augment_gen"])
-        tqdm.write(f"resuming from epoch {saved['state']['epoch']} ({path})")
+        if "torch_rng" in saved:  # a method's draws from torch's generator continue where they were
+            torch.set_rng_state(saved["torch_rng"].cpu())
+        partial = saved["state"].get("partial")
+        within = f", step {partial['steps']} of epoch {saved['state']['epoch'] + 1}" if partial else ""
+        tqdm.write(f"resuming from epoch {saved['state']['epoch']}{within} ({path})")
         return saved["state"]
