@@ -33,6 +33,7 @@ BENCHMARKS = {
     "data_path": "5 and the data path",
     "evaluator_scaling": "6",
     "streaming_reader": "issue 19: RS5M streamed from shards",
+    "data_parallel": "issue 19: one cell data-parallel",
     "gpu_step": "2-4 on a GPU",
 }
 
