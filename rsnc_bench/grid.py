@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rsnc_bench.backbones import WeightsNotFoundError, build_backbone, describe_backbones
 from rsnc_bench.engine import distributed
 from rsnc_bench.engine.cell import CellSpec, cache_images, check_inputs, check_recorded_manifest, run_cell
-from rsnc_bench.errors import ConfigError, UnknownNameError
+from rsnc_bench.errors import ConfigError, RsncError, UnknownNameError
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.methods import METHODS
 from rsnc_bench.noise import PROTOCOLS, check_rate
@@ -226,9 +226,18 @@ def _run_data_parallel(grid: GridConfig, on_done: Callable[[dict], None]) -> Gri
     if grid.workers > 1:
         raise ConfigError("under torchrun every cell spans all the ranks: leave --workers at 0 or 1 (torchrun's --nproc-per-node sets the ranks)")
     device = distributed.start_from_env(grid.device)
-    plan = plan_grid(grid) if distributed.is_main() else None
-    store, cells, todo = distributed.broadcast(None if plan is None else (str(plan.store.root), plan.cells, plan.todo))
-    store = ResultStore(store)
+    planned: tuple | RsncError | None = None
+    if distributed.is_main():
+        try:
+            plan = plan_grid(grid)
+            planned = (str(plan.store.root), plan.cells, plan.todo)
+        except RsncError as error:  # bad input: every rank stops, rank 0 says why
+            distributed.broadcast(error)
+            raise
+    planned = distributed.broadcast(planned)
+    if isinstance(planned, RsncError):
+        raise SystemExit(2)
+    store, cells, todo = ResultStore(planned[0]), planned[1], planned[2]
     if not distributed.is_main():
         silence()
         check_before_training([spec for spec, _ in todo], store)

@@ -151,3 +151,15 @@ def test_a_data_parallel_cell_resumes_from_rank_0s_checkpoint(tmp_path, syntheti
     assert resumed["status"] == "complete" and len(resumed["history"]) == 2
     assert _losses(resumed) == pytest.approx(_losses(single), rel=1e-4)
     assert not list(out.rglob("*.pt"))
+
+
+@pytest.mark.slow
+def test_torchrun_with_bad_input_stops_every_rank_with_one_line(tmp_path, synthetic_root):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               "-m", "rsnc_bench", "run", "--methods", "clip-fx", "--data-root", str(synthetic_root), "--device", "cpu",
+               "--out", str(tmp_path / "runs")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert output.count("unknown method 'clip-fx'") == 1, output[-2000:]
+    assert "Traceback" not in done.stdout

@@ -301,6 +301,8 @@ class Trainer:
         """Data-parallel ranks hold the same weights and signals after an epoch, as they apply the same
         averaged gradients and decide on the same gathered features; should a kernel's rounding ever
         make them differ, rank 0's state is taken, with a notice, rather than training on apart."""
+        if not distributed.active():
+            return
         state = {"model": self.method.state_dict(), "signals": self.signals.state()}
         if distributed.ranks_agree(state):
             return
