@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from rsnc_bench.cell_lock import OWNER_ENV
+from rsnc_bench.engine import distributed
 from rsnc_bench.engine.cell import CellSpec, run_cell
 from rsnc_bench.errors import RsncError
-from rsnc_bench.grid import GridPlan, plan_grid, torch_threads, worker_plan
+from rsnc_bench.grid import GridPlan, plan_grid, torch_threads, usable_cores, worker_plan
 from rsnc_bench.grid_config import GridConfig
 from rsnc_bench.store import CellKey, ResultStore
 
@@ -105,6 +106,9 @@ class CellTask:
         if self.plan_here is not None:
             devices, threads = worker_plan(self.plan_here, 1)
             device = None if self.plan_here == "auto" else devices[0]
+        ranks = _cell_ranks(self.plan_here or "auto")  # several tasks in this job: each cell data-parallel over them
+        if ranks is not None:
+            device, threads = ranks
         store = ResultStore(self.root)
         finished = {CellKey.from_dict(key) for key in [*(doc["key"] for doc in self.docs), *self.elsewhere]}
         with torch_threads(threads):
@@ -127,7 +131,7 @@ class CellTask:
         return TaskOutcome(list(self.docs), list(self.elsewhere))
 
     def _log(self, line: Callable[[], str]) -> None:
-        if self.quiet:  # into the job's own log (with debug, the submitting process prints the summaries)
+        if self.quiet and distributed.is_main():  # into the job's own log (with debug, the submitting process prints the summaries)
             print(line(), flush=True)
 
     def checkpoint(self, *args, **kwargs):
@@ -135,6 +139,25 @@ class CellTask:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, *args, **kwargs)
+
+
+def _cell_ranks(device: str) -> tuple[str, int | None] | None:
+    """When this submitit job has several tasks (``slurm.gpus_per_cell`` > 1: one task per GPU), join
+    them into one process group, as torchrun would (``engine/distributed.py``), and return this
+    task's (device, torch threads); None for a job of one task."""
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        tasks = JobEnvironment().num_tasks
+    except (ImportError, RuntimeError, KeyError):
+        return None
+    if tasks <= 1:
+        return None
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    started = distributed.start_from_env(device)
+    cpu = not started.startswith("cuda")
+    return started, max(1, usable_cores() // env.local_world_size) if cpu else None
 
 
 def _job_owner() -> str | None:
@@ -178,8 +201,10 @@ def _executor(submitit, grid: GridConfig, folder: Path, plan: GridPlan):
         executor.update_parameters(**params)
         return executor
     executor = submitit.SlurmExecutor(logs)
+    ranks = max(1, slurm.gpus_per_cell)  # a cell on several GPUs: one task (a data-parallel rank) per GPU
     params = {"job_name": "rsnc-bench", "time": slurm.time or SLURM_DEFAULT_MINUTES, "partition": slurm.partition,
-              "gpus_per_node": slurm.gpus_per_cell or None, "cpus_per_task": slurm.cpus_per_cell,
+              "gpus_per_node": slurm.gpus_per_cell or None, "ntasks_per_node": ranks if ranks > 1 else None,
+              "cpus_per_task": None if slurm.cpus_per_cell is None else max(1, slurm.cpus_per_cell // ranks),
               "mem": None if slurm.mem_gb is None else _memory(slurm.mem_gb), "array_parallelism": slurm.array_parallelism,
               "setup": list(slurm.setup) or None, "additional_parameters": slurm.sbatch_options() or None}
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})

@@ -252,3 +252,30 @@ def test_a_slurm_array_task_runs_its_cell_as_slurm_would_start_it(tmp_path, synt
     assert report.exit_code == 0 and "1 missing and 0 failed cells listed" in report.output, report.output
     rest = run_grid(replace(grid, launcher="inline"))
     assert len(rest.docs) == 1 and rest.skipped == 1
+
+
+@pytest.mark.slow
+def test_a_slurm_task_with_two_gpus_per_cell_runs_it_data_parallel(tmp_path, synthetic_root, monkeypatch, plain):
+    """slurm.gpus_per_cell = 2: the array task has two Slurm tasks (one per GPU), started here as
+    srun starts them (on the CPU, gloo); they run the cell as two data-parallel ranks, rank 0
+    writes it, and its numbers are a single process's to float rounding."""
+    bin_dir = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "runs"
+    grid = tiny_grid(out, synthetic_root, launcher="slurm", noise=(0.0,), slurm_gpus_per_cell=2, slurm_cpus_per_cell=2)
+    assert not launch_grid(grid, echo=lambda line: None).waited
+    script = (bin_dir / "submitted.sh").read_text().splitlines()
+    assert {"#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=1"} <= set(script), script
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "PYTHONPATH": str(REPO)}
+    env.pop(OWNER_ENV, None)
+    tasks = [subprocess.Popen([sys.executable, "-u", "-m", "submitit.core._submit", str(out.resolve() / "jobs" / "%j")],
+                              env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    logs = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], logs[0][1][-3000:] + logs[1][1][-3000:]
+    assert "test mR" in logs[0][0] and "test mR" not in logs[1][0]  # rank 0 logs the cell
+    (doc,) = ResultStore(out).iter_results()
+    assert doc["status"] == "complete" and doc["environment"]["data_parallel_ranks"] == 2
+    single = next(v for k, v in plain.items() if "r0-" in k)
+    assert [e["loss"] for e in doc["history"]] == pytest.approx([e["loss"] for e in single["history"]], rel=1e-4)
