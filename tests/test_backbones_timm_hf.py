@@ -272,3 +272,26 @@ def test_lite0_minilm_pairs_both_pretrained_towers():
     assert (backbone.image_size, backbone.embed_dim, backbone.mean) == (224, 256, (0.5, 0.5, 0.5))
     images = backbone.encode_image(torch.zeros(2, 3, 224, 224), tokens=True)
     assert images.embedding.shape == (2, 256) and images.tokens.shape == (2, 49, 256)  # ViT-B/32's 49 positions
+
+
+def test_frozen_trunks_train_only_the_projections_and_compute_each_input_once(bert_dir):
+    torch.manual_seed(0)
+    plain = BACKBONES.get("timm-hf")(tiny_config(bert_dir)).eval()
+    frozen = BACKBONES.get("timm-hf")(tiny_config(bert_dir, "frozen_trunks=true"))
+    frozen.load_state_dict(plain.state_dict())
+    frozen.train()
+    assert not frozen.image_model.training and not frozen.text_model.training
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {"image_proj.weight", "image_proj.bias", "text_proj.weight", "text_proj.bias"}
+    images, text = torch.randn(4, 3, 32, 32), plain.tokenize(["two planes", "a river", "two planes", "green trees near a river"])
+    calls = []
+    trunk = frozen._image_trunk.trunk
+    frozen._image_trunk.trunk = lambda x: calls.append(len(x)) or trunk(x)
+    for _ in range(2):  # the second pass (another epoch) reads every row back
+        got = frozen.encode_image(images[[0, 1, 0, 2]], tokens=True)
+    assert calls == [3]  # three distinct rows, computed once
+    want = plain.encode_image(images[[0, 1, 0, 2]], tokens=True)
+    assert torch.allclose(got.tokens, want.tokens, atol=1e-5) and torch.allclose(got.embedding, want.embedding, atol=1e-5)
+    assert torch.allclose(frozen.encode_text(text).embedding, plain.encode_text(text).embedding, atol=1e-5)
+    assert len(frozen._text_trunk) == 3
+    frozen.encode_text(text).embedding.sum().backward()
+    assert frozen.text_proj.weight.grad is not None and all(p.grad is None for p in frozen.text_model.parameters())

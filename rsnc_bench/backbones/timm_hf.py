@@ -28,6 +28,7 @@ from torch import nn
 
 from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
 from rsnc_bench.backbones.shipped import EFFICIENTNET_LITE0, to_timm_names
+from rsnc_bench.backbones.trunk_memo import TrunkMemo
 from rsnc_bench.config import parse_assignments
 from rsnc_bench.errors import ConfigError
 
@@ -52,6 +53,9 @@ class TimmHfOptions:
     embed_dim: int = 512
     image_size: int = 224
     context_length: int = 77
+    # NON-PAPER regime for CPU budgets: both pretrained trunks frozen (in evaluation mode) and their
+    # outputs memoised by input (trunk_memo.py); only the two projections train
+    frozen_trunks: bool = False
 
 
 def parse_kwargs(text: str) -> dict:
@@ -106,6 +110,18 @@ class TimmHfEncoder(DualEncoder):
         self.context_length = opts.context_length
         self.image_proj = nn.Linear(self.image_model.num_features, opts.embed_dim)
         self.text_proj = nn.Linear(self.text_model.config.hidden_size, opts.embed_dim)
+        self._image_trunk, self._text_trunk = self.image_model.forward_features, self._text_hidden
+        if opts.frozen_trunks:
+            for trunk in (self.image_model, self.text_model):
+                trunk.requires_grad_(False).eval()
+            self._image_trunk, self._text_trunk = TrunkMemo(self._image_trunk), TrunkMemo(self._text_trunk)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.options.frozen_trunks:  # batch norm's statistics and dropout stay as pretrained
+            self.image_model.eval()
+            self.text_model.eval()
+        return self
 
     @property
     def pad_token_id(self) -> int:
@@ -117,7 +133,7 @@ class TimmHfEncoder(DualEncoder):
         return out["input_ids"].long()
 
     def encode_image(self, images: torch.Tensor, tokens: bool = False) -> Features:
-        feats = self.image_model.forward_features(images)
+        feats = self._image_trunk(images)
         pooled = self.image_model.forward_head(feats, pre_logits=True)
         embedding = self.image_proj(pooled)
         if not tokens:
@@ -134,9 +150,12 @@ class TimmHfEncoder(DualEncoder):
             return feats.flatten(2).transpose(1, 2)
         return feats[:, getattr(self.image_model, "num_prefix_tokens", 0):]
 
+    def _text_hidden(self, text: torch.Tensor) -> torch.Tensor:
+        return self.text_model(input_ids=text, attention_mask=(text != self.pad_token_id).long()).last_hidden_state
+
     def encode_text(self, text: torch.Tensor, tokens: bool = False) -> Features:
         mask = text != self.pad_token_id
-        hidden = self.text_model(input_ids=text, attention_mask=mask.long()).last_hidden_state
+        hidden = self._text_trunk(text)
         # Mean pooling over real tokens, as sentence-transformers does (Reimers & Gurevych,
         # "Sentence-BERT", EMNLP 2019; all-MiniLM-L6-v2's 1_Pooling config).
         weights = mask.unsqueeze(-1).to(hidden.dtype)
