@@ -238,12 +238,19 @@ def _load_text(folder: str | Path):
         raise WeightsNotFoundError(f"text tower folder {folder} not found: give text=DIR, {TEXT_FOLDER_HINT}")
     if not (folder / "config.json").is_file():
         raise WeightsNotFoundError(f"text tower folder {folder} has no config.json: give text=DIR, {TEXT_FOLDER_HINT}")
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per cell in the grid's output otherwise
     try:
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise WeightsNotFoundError(f"text tower folder {folder} could not be loaded ({str(exc).splitlines()[0][:200]}): "
                                    f"give text=DIR, {TEXT_FOLDER_HINT}") from exc
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS (then EOS counts as padding in the mask)
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
