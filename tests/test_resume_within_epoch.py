@@ -85,3 +85,18 @@ def test_a_streamed_cell_killed_within_an_epoch_resumes_exactly(tmp_path):
     resumed = _killed_then_resumed(spec, ResultStore(tmp_path / "a"), at=3)  # step 3 of epoch 1 (6 steps an epoch)
     straight = run_cell(replace(spec), ResultStore(tmp_path / "b"))
     _same(resumed, straight)
+
+
+def test_a_stream_checkpointed_by_two_ranks_refuses_to_resume_on_one(tmp_path):
+    import numpy as np
+
+    from rsnc_bench.data import load_dataset
+    from rsnc_bench.engine.stream_data import StreamTrainData
+    from rsnc_bench.errors import ConfigError
+
+    release = write_release(tmp_path / "release")
+    data = load_dataset("rs5m", release.root, options=dict(val_rows=3, test_rows=4, canvas=32, shuffle_buffer=8))
+    train = StreamTrainData(data.stream(3), lambda captions: torch.zeros(len(captions), 4, dtype=torch.long))
+    batches = train.epoch_batches(np.arange(train.n_rows), 8, torch.Generator().manual_seed(0), {"steps": 1, "read": [8, 8]})
+    with pytest.raises(ConfigError, match="by 2 data-parallel rank"):
+        next(batches)

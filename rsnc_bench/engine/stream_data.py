@@ -54,6 +54,9 @@ class StreamTrainData:
         keep = np.zeros(self.n_rows, dtype=bool)
         keep[np.asarray(rows, dtype=np.int64)] = True
         world, rank = distributed.world_size(), distributed.rank()
+        if resume and len(resume["read"]) != world:  # each rank's stream position belongs to its share of the shards
+            raise ConfigError(f"this cell was checkpointed within an epoch of a stream read by {len(resume['read'])} data-parallel "
+                              f"rank(s); resume it with as many (torchrun --nproc-per-node), not {world}")
         steps, read = (resume["steps"], resume["read"][rank]) if resume else (0, 0)
         samples = self.stream.rank_samples(StreamState(epoch, read), rank, world, threads=self.threads)
         read_so_far = [read]
