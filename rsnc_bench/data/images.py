@@ -47,7 +47,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise _unreadable(path, exc) from None
 
 
-def _rgb(image: Image.Image, path) -> Image.Image:
+def to_rgb(image: Image.Image, path) -> Image.Image:
     """8-bit RGB. Pillow's own conversion clips integer and float greyscale at 255, so a 16-bit PNG
     came out almost white: those are scaled by their bit depth instead (16 bit: / 257)."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
@@ -72,7 +72,7 @@ def load_image(path: str | Path, size: int | None) -> np.ndarray:
     resolution when ``size`` is None; an ImageReadError when it cannot be read."""
     try:
         with Image.open(path) as image:
-            image = _rgb(image, path)
+            image = to_rgb(image, path)
             if size is None:
                 return np.array(image, dtype=np.uint8)
             w, h = image.size

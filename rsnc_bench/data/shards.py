@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rsnc_bench.data.images import _rgb
+from rsnc_bench.data.images import to_rgb
 from rsnc_bench.errors import DataFormatError, ImageReadError
 
 # the member extensions of an RS5M sample (protocol.md 2.5, the official decoder's keys)
@@ -126,12 +126,12 @@ def fit_on_canvas(image: Image.Image, canvas: int) -> Image.Image:
 
 
 def rgb_image(data: bytes, where: str) -> Image.Image:
-    """Encoded image bytes as a decoded 8-bit RGB image (``images._rgb``: 16-bit greyscale scaled by
+    """Encoded image bytes as a decoded 8-bit RGB image (``images.to_rgb``: 16-bit greyscale scaled by
     its bit depth, not clipped); a ``ShardImageError`` naming ``where`` when they do not decode."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return _rgb(image, where)
+            return to_rgb(image, where)
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
