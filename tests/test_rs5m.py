@@ -391,3 +391,12 @@ def test_data_parallel_ranks_read_their_shares_and_get_the_same_global_batches(r
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
     rows = torch.cat([b[0] for b in first]).tolist()
     assert sorted(rows) == list(range(48))  # every row once per epoch over the two ranks' shares
+
+
+def test_an_image_listed_in_two_metafiles_names_both_lines():
+    from rsnc_bench.data.rs5m import Metafile, name_index
+
+    pub11 = Metafile(Path("pub11_train_intermediate.csv"), ("a.jpg", "b.jpg"), ("c1", "c2"), (2, 3))
+    rs3 = Metafile(Path("rs3_train_intermediate.csv"), ("c.jpg", "b.jpg"), ("c3", "c4"), (2, 3))
+    with pytest.raises(DataFormatError, match=r"rs3_train_intermediate.csv:3: image 'b.jpg' is listed again \(first at pub11_train_intermediate.csv:3\)"):
+        name_index([pub11, rs3])

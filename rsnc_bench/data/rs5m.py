@@ -23,6 +23,7 @@ there like any evaluation split.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import re
@@ -122,19 +123,18 @@ def read_metafile(path: Path, limit: int | None = None) -> Metafile:
 
 
 def name_index(metafiles: list[Metafile]) -> dict[str, int]:
-    """image name -> row over the metafiles concatenated; a name listed twice is an error."""
+    """image name -> row over the metafiles concatenated; a name listed twice is an error naming both lines."""
     index: dict[str, int] = {}
-    where: dict[int, tuple[Metafile, int]] = {}
+    starts: list[int] = []  # the first row of each metafile
     for meta in metafiles:
-        offset = len(index)
+        starts.append(len(index))
         for r, name in enumerate(meta.names):
-            row = index.setdefault(name, offset + r)
-            if row != offset + r:
-                first, first_row = where.get(row, (meta, row - offset))
-                raise DataFormatError(meta.path, f"image {name!r} is listed again (first at {first.path.name}:{first.lines[first_row]})",
+            row = index.setdefault(name, starts[-1] + r)
+            if row != starts[-1] + r:
+                k = bisect.bisect_right(starts, row) - 1
+                first = metafiles[k]
+                raise DataFormatError(meta.path, f"image {name!r} is listed again (first at {first.path.name}:{first.lines[row - starts[k]]})",
                                       "keep one row per image: the name is the sample's id", meta.lines[r])
-            if r == 0:
-                where[row] = (meta, r)
     return index
 
 
