@@ -400,3 +400,20 @@ def test_an_image_listed_in_two_metafiles_names_both_lines():
     rs3 = Metafile(Path("rs3_train_intermediate.csv"), ("c.jpg", "b.jpg"), ("c3", "c4"), (2, 3))
     with pytest.raises(DataFormatError, match=r"rs3_train_intermediate.csv:3: image 'b.jpg' is listed again \(first at pub11_train_intermediate.csv:3\)"):
         name_index([pub11, rs3])
+
+
+def test_rows_not_trained_on_are_read_past_without_decoding(dataset, monkeypatch):
+    from rsnc_bench.data import stream as stream_module
+    from rsnc_bench.engine.stream_data import StreamTrainData
+
+    decoded = []
+    real = stream_module.decode_sample
+    monkeypatch.setattr(stream_module, "decode_sample", lambda raw, canvas: decoded.append(raw.img_name) or real(raw, canvas))
+    train = StreamTrainData(dataset.stream(3), lambda captions: torch.zeros(len(captions), 4, dtype=torch.long))
+    rows = np.arange(0, train.n_rows, 2)  # every other row, as the oracle keeps the clean ones
+    batches = list(train.epoch_batches(rows, 8, torch.Generator().manual_seed(0)))
+    seen = torch.cat([b.rows for b in batches])
+    assert len(batches) == len(rows) // 8 and set(seen.tolist()) <= set(rows.tolist())
+    assert len(decoded) < train.n_rows and len(decoded) >= len(seen)
+    names = dataset.splits["train"].images
+    assert all(names.index(name) % 2 == 0 for name in decoded)  # no image of a skipped row was decoded

@@ -250,11 +250,14 @@ class ShardStream:
         return starts, turns
 
     def rank_samples(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1,
-                     threads: int = 0) -> Iterator[StreamedSample]:
+                     threads: int = 0, keep: np.ndarray | None = None) -> Iterator[StreamedSample | None]:
         """The rank's samples from ``state`` on, read in this process (the same sequence a DataLoader
-        with ``workers`` workers over ``as_dataset`` returns); ``threads`` decode ahead in a pool."""
+        with ``workers`` workers over ``as_dataset`` returns); ``threads`` decode ahead in a pool.
+        With ``keep`` (a mask over rows), the samples of other rows are None, never decoded."""
         raw = (sample for _, sample in itertools.islice(self.raw_rank(state.epoch, rank, world_size, workers), state.yielded, None))
-        return ordered_map(self.sample, raw, threads)
+        if keep is None:
+            return ordered_map(self.sample, raw, threads)
+        return ordered_map(lambda sample: self.sample(sample) if keep[self.labels.row_of_image[self.image_of(sample)]] else None, raw, threads)
 
     def as_dataset(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1) -> ShardStreamDataset:
         """A ``torch`` IterableDataset of the rank's samples from ``state`` on, for a DataLoader with

@@ -58,13 +58,13 @@ class StreamTrainData:
             raise ConfigError(f"this cell was checkpointed within an epoch of a stream read by {len(resume['read'])} data-parallel "
                               f"rank(s); resume it with as many (torchrun --nproc-per-node), not {world}")
         steps, read = (resume["steps"], resume["read"][rank]) if resume else (0, 0)
-        samples = self.stream.rank_samples(StreamState(epoch, read), rank, world, threads=self.threads)
+        samples = self.stream.rank_samples(StreamState(epoch, read), rank, world, threads=self.threads, keep=keep)
         read_so_far = [read]
 
         def kept():
-            for sample in samples:
+            for sample in samples:  # None: a row not trained on, read past without decoding
                 read_so_far[0] += 1
-                if keep[sample.row]:
+                if sample is not None:
                     yield sample
 
         local = batched(kept(), batch_size // world, limit=self.steps(rows, batch_size) - steps)
