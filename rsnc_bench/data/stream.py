@@ -114,35 +114,44 @@ def shuffled(items: Iterable[T], buffer: int, rng: np.random.RandomState) -> Ite
         yield held[j]
 
 
-def interleaved(streams: Sequence[Iterator[T]], turns: Sequence[int] | None = None) -> Iterator[tuple[int, T]]:
+class RoundRobin:
     """(stream index, item): one item from each stream in turn (in the order ``turns``, default
     0, 1, ...), dropping a stream once it is exhausted: DataLoader's in-order round robin over its
-    workers."""
-    active = list(range(len(streams)) if turns is None else turns)
-    turn = 0
-    while active:
-        i = active[turn]
-        item = next(streams[i], _END)
-        if item is _END:
-            active.pop(turn)
-            turn = turn % len(active) if active else 0
-            continue
-        turn = (turn + 1) % len(active)
-        yield i, item
+    workers. ``upcoming()``: the streams not known to be exhausted, in the order of their next turns."""
+
+    def __init__(self, streams: Sequence[Iterator[T]], turns: Sequence[int] | None = None):
+        self.streams, self.active, self.turn = streams, list(range(len(streams)) if turns is None else turns), 0
+
+    def __iter__(self) -> RoundRobin:
+        return self
+
+    def __next__(self) -> tuple[int, T]:
+        while self.active:
+            i = self.active[self.turn]
+            item = next(self.streams[i], _END)
+            if item is _END:
+                self.active.pop(self.turn)
+                self.turn = self.turn % len(self.active) if self.active else 0
+                continue
+            self.turn = (self.turn + 1) % len(self.active)
+            return i, item
+        raise StopIteration
+
+    def upcoming(self) -> list[int]:
+        return self.active[self.turn:] + self.active[:self.turn]
+
+
+def interleaved(streams: Sequence[Iterator[T]], turns: Sequence[int] | None = None) -> Iterator[tuple[int, T]]:
+    return RoundRobin(streams, turns)
 
 
 def replayed(streams: Sequence[Iterator], count: int) -> tuple[list[int], list[int]]:
     """After ``interleaved(streams)`` has given ``count`` items: how many each stream gave, and the
     streams not known to be exhausted, in the order of their next turns."""
-    given, active, turn, n = [0] * len(streams), list(range(len(streams))), 0, 0
-    while n < count and active:
-        i = active[turn]
-        if next(streams[i], _END) is _END:
-            active.pop(turn)
-            turn = turn % len(active) if active else 0
-            continue
-        given[i], n, turn = given[i] + 1, n + 1, (turn + 1) % len(active)
-    return given, active[turn:] + active[:turn]
+    robin, given = RoundRobin(streams), [0] * len(streams)
+    for i, _ in itertools.islice(robin, count):
+        given[i] += 1
+    return given, robin.upcoming()
 
 
 _END = object()
