@@ -141,12 +141,8 @@ class RoundRobin:
         return self.active[self.turn:] + self.active[:self.turn]
 
 
-def interleaved(streams: Sequence[Iterator[T]], turns: Sequence[int] | None = None) -> Iterator[tuple[int, T]]:
-    return RoundRobin(streams, turns)
-
-
 def replayed(streams: Sequence[Iterator], count: int) -> tuple[list[int], list[int]]:
-    """After ``interleaved(streams)`` has given ``count`` items: how many each stream gave, and the
+    """After ``RoundRobin(streams)`` has given ``count`` items: how many each stream gave, and the
     streams not known to be exhausted, in the order of their next turns."""
     robin, given = RoundRobin(streams), [0] * len(streams)
     for i, _ in itertools.islice(robin, count):
@@ -245,7 +241,7 @@ class ShardStream:
 
     def raw_rank(self, epoch: int, rank: int = 0, world_size: int = 1, workers: int = 1) -> Iterator[tuple[int, RawSample]]:
         """(worker, raw sample) in the rank's order: its workers' slots interleaved."""
-        return interleaved([self.raw_slot(epoch, rank, world_size, w, workers) for w in range(workers)])
+        return RoundRobin([self.raw_slot(epoch, rank, world_size, w, workers) for w in range(workers)])
 
     def resume_plan(self, state: StreamState, rank: int = 0, world_size: int = 1, workers: int = 1) -> tuple[list[int], list[int]]:
         """When the rank had yielded ``state.yielded`` samples: how many each worker had yielded, and
