@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from rsnc_bench.data import load_dataset
 
@@ -47,3 +48,21 @@ def tiny_cache(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("RSNC_BENCH_CACHE", str(home))
     monkeypatch.setitem(pretrain.RECIPES, "tiny-clip", TINY_RECIPE)
     return home
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A random 2-layer BERT (hidden 32) and a WordPiece tokenizer, saved like a hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = "a the plane planes airport river green trees many buildings near is are of with in two".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

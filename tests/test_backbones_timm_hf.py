@@ -12,25 +12,7 @@ from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, WeightsNotFound
 from rsnc_bench.backbones.timm_hf import TimmHfEncoder, TimmHfOptions, parse_kwargs
 from rsnc_bench.errors import ConfigError
 
-WORDS = "a the plane planes airport river green trees many buildings near is are of with in two".split()
 TINY_VIT = "depth=1,embed_dim=32,num_heads=2,patch_size=8"
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    """A random 2-layer BERT (hidden 32) and a WordPiece tokenizer, saved like a hub folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_config(bert_dir, *extra: str, **kw) -> BackboneConfig:
@@ -61,7 +43,7 @@ def test_image_shapes(encoder):
 
 
 def test_text_shapes_and_padding_mask(encoder):
-    ids = encoder.tokenize(["a plane near the airport", "river", " ".join(WORDS * 3)])
+    ids = encoder.tokenize(["a plane near the airport", "river", " ".join(["a plane near the airport"] * 8)])
     assert ids.dtype == torch.long and ids.shape == (3, 12)
     out = encoder.encode_text(ids, tokens=True)
     assert out.embedding.shape == (3, 24) and out.tokens.shape == (3, 12, 24)
@@ -205,6 +187,23 @@ def test_token_methods_run_on_a_timm_hf_backbone(bert_dir):
     with torch.no_grad():
         scores = method.score(method.backbone.encode_text(text, tokens=True), method.backbone.encode_image(torch.randn(3, 3, 32, 32), tokens=True))
     assert scores.shape == (4, 3)
+
+
+def test_ebaker_reasons_over_wordpiece_keywords(bert_dir):
+    """KER on a WordPiece backbone: the MLM head predicts the tokenizer's own ids (non-paper: the papers' is CLIP's BPE)."""
+    from rsnc_bench.methods import Batch, EpochContext
+    from rsnc_builtin_methods.ebaker import Ebaker
+
+    torch.manual_seed(0)
+    method = Ebaker(BACKBONES.get("timm-hf")(tiny_config(bert_dir))).train()
+    captions = ["a plane", "two planes near the airport", "green trees", "a river"]
+    method.start_epoch(EpochContext(1, 5, 4, 1, torch.device("cpu"), captions, method.backbone.tokenizer))
+    assert method.ker.mlm.fc.out_features == len(method.backbone.tokenizer)
+    assert (method.ker_ids == method.backbone.tokenizer.mask_token_id).any()
+    rows = torch.arange(4)
+    out = method.training_loss(Batch(torch.randn(4, 3, 32, 32), method.backbone.tokenize(captions), rows, rows))
+    out.loss.backward()
+    assert out.logs["mlm"] > 0 and method.ker.mlm.fc.weight.grad is not None
 
 
 def test_pmpguard_runs_on_swin_and_bert(bert_dir):

@@ -70,6 +70,20 @@ class BackboneConfig:
     options: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class FrozenTrunks:
+    """A backbone's frozen, memoised trunks (trunk_memo.TrunkMemo): ``image`` takes normalised
+    pixels, ``text`` token ids."""
+
+    image: Callable[[torch.Tensor], torch.Tensor]
+    text: Callable[[torch.Tensor], torch.Tensor]
+
+
+def is_pixels(images: torch.Tensor) -> bool:
+    """Pixels are [B, 3, S, S]; anything else given to ``encode_image`` is a frozen trunk's output."""
+    return images.ndim == 4 and images.shape[1] == 3
+
+
 @dataclass
 class Features:
     """Encoder output. ``embedding``: [B, D] projected, not normalised.
@@ -105,6 +119,11 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, text: torch.Tensor, tokens: bool = False) -> Features:
         raise NotImplementedError
+
+    def frozen_trunks(self) -> FrozenTrunks | None:
+        """The trunks that neither train nor change (``frozen_trunks``): a cell may then hand
+        ``encode_image`` their outputs in place of pixels (trunk_outputs.py). None: they train."""
+        return None
 
     def causal_text(self) -> bool:
         """True when no real text position depends on the padding after it (a causal text tower

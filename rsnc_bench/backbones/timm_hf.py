@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, WeightsNotFoundError
+from rsnc_bench.backbones.base import BACKBONES, BackboneConfig, DualEncoder, Features, FrozenTrunks, WeightsNotFoundError, is_pixels
 from rsnc_bench.backbones.shipped import EFFICIENTNET_LITE0, to_timm_names
 from rsnc_bench.backbones.trunk_memo import TrunkMemo
 from rsnc_bench.config import parse_assignments
@@ -114,7 +114,7 @@ class TimmHfEncoder(DualEncoder):
         if opts.frozen_trunks:
             for trunk in (self.image_model, self.text_model):
                 trunk.requires_grad_(False).eval()
-            self._image_trunk, self._text_trunk = TrunkMemo(self._image_trunk), TrunkMemo(self._text_trunk)
+            self._image_trunk, self._text_trunk = TrunkMemo(self._image_trunk, self.image_model), TrunkMemo(self._text_trunk, self.text_model)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -132,8 +132,14 @@ class TimmHfEncoder(DualEncoder):
         out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
         return out["input_ids"].long()
 
+    def frozen_trunks(self) -> FrozenTrunks | None:
+        if not self.options.frozen_trunks:
+            return None
+        return FrozenTrunks(self._image_trunk, self._text_trunk)
+
     def encode_image(self, images: torch.Tensor, tokens: bool = False) -> Features:
-        feats = self._image_trunk(images)
+        """``images``: pixels [B, 3, S, S], or (frozen trunks) the image trunk's outputs for them."""
+        feats = self._image_trunk(images) if is_pixels(images) else images
         pooled = self.image_model.forward_head(feats, pre_logits=True)
         embedding = self.image_proj(pooled)
         if not tokens:

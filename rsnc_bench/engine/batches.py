@@ -136,7 +136,10 @@ class Preprocess:
 
     def __call__(self, images: torch.Tensor, device: torch.device, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """``sizes`` [B, 2]: the images are native-resolution training images to crop and resize;
-        None: they are already at the model size (evaluation)."""
+        None: they are already at the model size (evaluation). Float ``images`` are not pixels but a
+        frozen image trunk's outputs (trunk_outputs.py): they pass through."""
+        if images.is_floating_point():
+            return images.to(device, non_blocking=True)
         x = images.to(device, non_blocking=True).float().div_(255)
         if sizes is not None:
             top, left, height, width = self.crop_boxes(sizes) if self.augment else self.centre_boxes(sizes)

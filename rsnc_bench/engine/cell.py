@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import shutil
@@ -27,13 +28,14 @@ from rsnc_bench.data.images import SplitImages
 from rsnc_bench.data.rs5m import StreamedDataset
 from rsnc_bench.data.split import Split
 from rsnc_bench.engine import distributed
-from rsnc_bench.engine.batches import split_tensors
+from rsnc_bench.engine.batches import SplitTensors, split_tensors
 from rsnc_bench.engine.detection import detection_metrics
 from rsnc_bench.engine.embedding_cache import EmbeddingCache
 from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.signals import PairScores
 from rsnc_bench.engine.stream_data import StreamTrainData
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, TrainOutcome, resolve_device
+from rsnc_bench.engine.trunk_outputs import trunk_split
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, Registered
@@ -299,6 +301,12 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
     else:
         train = split_tensors(cell.train_split, method.backbone, cache, native=True, images=train_images)  # crops come from the original images
     val, test = (split_tensors(s, method.backbone, cache, images=tconfig.images) for s in (cell.data["val"], cell.data["test"]))
+    if method.backbone.frozen_trunks() is not None:  # the trunks' outputs in place of pixels, once per grid
+        device = resolve_device(tconfig.device)
+        outputs = functools.partial(trunk_split, backbone=method.to(device).backbone, folder=cache / "trunks", device=device)
+        val, test = outputs(val), outputs(test)
+        if not tconfig.augment and isinstance(train, SplitTensors):  # augmented crops differ every epoch: pixels, memoised
+            train = outputs(train)
     clean = cell.manifest.clean
     rows = TRAIN_ROWS[spec.method.rows](clean)  # a data variant (the oracle) trains on the clean rows only
     record.noise["train_rows_used"] = int(len(rows))

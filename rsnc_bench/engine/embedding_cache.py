@@ -26,7 +26,7 @@ KEY_VERSION = "1"  # bump when what an encoding depends on changes outside the h
 BLOCK = 256  # images hashed at a time (a memory-mapped split is read in pieces)
 
 
-def _update(h, tensor: torch.Tensor) -> None:
+def update_hash(h, tensor: torch.Tensor) -> None:
     h.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
     h.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
 
@@ -40,10 +40,10 @@ def encoding_key(method: Method, images, text: torch.Tensor, precision: str) -> 
     for name, value in method.state_dict().items():
         if torch.is_tensor(value):
             h.update(name.encode())
-            _update(h, value.float() if value.dtype == torch.bfloat16 else value)
+            update_hash(h, value.float() if value.dtype == torch.bfloat16 else value)
     for start in range(0, len(images), BLOCK):
-        _update(h, images[start: start + BLOCK])
-    _update(h, text)
+        update_hash(h, images[start: start + BLOCK])
+    update_hash(h, text)
     return h.hexdigest()
 
 
