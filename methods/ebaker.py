@@ -32,7 +32,7 @@ from rsnc_bench.engine.scoring import FullScore, Rerank, Scorer
 from rsnc_bench.errors import ConfigError
 from rsnc_bench.methods import METHODS, Batch, EpochContext, LossOutput
 from rsnc_builtin_methods.clip_pipeline import ClipPipeline, ClipPipelineConfig, cosine_matrix
-from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, keyword_vocabulary, mask_keywords
+from rsnc_builtin_methods.keywords import IGNORE_LABEL, KEYWORD_SOURCES, KerHead, ker_loss, ker_vocab_size, keyword_vocabulary, mask_keywords
 from rsnc_builtin_methods.sar import sar_rerank
 
 EBA_MODES = ("split", "joint")
@@ -54,7 +54,7 @@ class EbakerConfig(ClipPipelineConfig):
     # A batch whose every pair is eliminated: EBAKER's code has no fallback (a mean over zero rows,
     # which AMP skips); "skip" drops the batch's alignment loss. iEBAKER keeps the best pair.
     empty_mask: str = "skip"
-    ker_weight: float = 0.5  # 0 turns KER off (needed for backbones without open_clip's CLIP tokenizer)
+    ker_weight: float = 0.5  # 0 turns KER off (needed for backbones with neither CLIP's BPE nor a WordPiece tokenizer)
     keywords: int = 512  # size of the keyword vocabulary built from the training captions
     keyword_source: str = "content"  # content words, as the released lists; "frequency": NON-PAPER raw counts
     ker_faithful_offset: bool = False  # True: the original code's word-index-as-token-index masking
@@ -164,7 +164,8 @@ class Ebaker(ClipPipeline):
         self.eliminating = False
         self.ker = None
         if self.config.ker_weight > 0:
-            self.ker = KerHead(backbone.embed_dim, heads=self.config.ker_heads, layers=self.config.ker_layers)
+            vocab = ker_vocab_size(getattr(backbone, "tokenizer", None))  # the backbone's token ids are what KER predicts
+            self.ker = KerHead(backbone.embed_dim, vocab, heads=self.config.ker_heads, layers=self.config.ker_layers)
         self.register_buffer("ker_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("ker_labels", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("ker_vocab_ids", torch.zeros(0, dtype=torch.long), persistent=False)  # ker_vocab="labels"
@@ -178,7 +179,8 @@ class Ebaker(ClipPipeline):
     def _build_keywords(self, captions: Sequence[str], tokenizer) -> None:
         """KER's keyword vocabulary and masked sequences, from the training captions."""
         self.keywords = keyword_vocabulary(captions, self.config.keywords, self.config.keyword_source)
-        ids, labels = mask_keywords(captions, self.keywords, tokenizer, faithful_offset=self.config.ker_faithful_offset)
+        width = self.backbone.tokenize([""]).shape[-1]  # the masked rows are as wide as the backbone's token rows
+        ids, labels = mask_keywords(captions, self.keywords, tokenizer, width, faithful_offset=self.config.ker_faithful_offset)
         device = next(self.parameters()).device
         self.ker_ids, self.ker_labels = ids.to(device), labels.to(device)
         if self.config.ker_vocab == "labels":

@@ -2,15 +2,16 @@
 
 * ``keyword_vocabulary``: the top-N content words of the training captions (function words
   removed, spatial-relation words kept), the statistics of the released iEBAKER lists.
-* ``mask_keywords``: a masked copy of each caption's CLIP token sequence plus MLM labels.
-  The default ("corrected") masks every BPE sub-token of every keyword; ``faithful_offset=True``
-  reproduces the original code's off-by-one position bug.
+* ``mask_keywords``: a masked copy of each caption's token sequence plus MLM labels, for
+  open_clip's CLIP BPE (the papers') or a Hugging Face WordPiece tokenizer (non-paper: the
+  ``timm-hf`` backbones). The default ("corrected") masks every sub-token of every keyword;
+  ``faithful_offset=True`` reproduces the original code's off-by-one position bug.
 * ``KerHead``: the reference structure: text-to-image cross-attention (no residual), CLIP
   residual blocks with QuickGELU, an MLM head; the reference's initialisation.
 * ``mlm_loss``: mean cross-entropy over the labelled positions (the reference); ``ker_loss``: the
   same loss computed where it is needed, with ``vocab_cross_entropy`` for the 49,408-way projection.
 
-Labels use 0 as "ignore" (id 0 is CLIP's "!" token, never a keyword piece).
+Labels use 0 as "ignore" (id 0 is CLIP's "!" token and BERT's [PAD], never a keyword piece).
 """
 
 from __future__ import annotations
@@ -92,21 +93,36 @@ def keyword_statistics(captions: Iterable[str], keywords: Iterable[str]) -> tupl
 
 # ----------------------------------------------------------------------------- masking
 
-def _require_clip_tokenizer(tokenizer: Any) -> None:
-    """ConfigError unless ``tokenizer`` is open_clip's CLIP BPE SimpleTokenizer (or quacks like it)."""
+def _clip_problem(tokenizer: Any) -> str | None:
+    """Why ``tokenizer`` is not open_clip's CLIP BPE SimpleTokenizer (None when it is, or quacks like it)."""
     missing = [name for name in _CLIP_TOKENIZER_ATTRS if not hasattr(tokenizer, name)]
-    problem = f"missing {', '.join(missing)}" if missing else ""
-    if not missing:
-        ids = (len(tokenizer.encoder), tokenizer.sot_token_id, tokenizer.eot_token_id)
-        if ids != (CLIP_VOCAB_SIZE, CLIP_SOT_ID, CLIP_EOT_ID):
-            problem = f"vocabulary / SOT / EOT are {ids}, expected {(CLIP_VOCAB_SIZE, CLIP_SOT_ID, CLIP_EOT_ID)}"
-        elif getattr(tokenizer, "reduction_fn", None) is not None:
-            problem = "it uses a reduction_mask instead of plain truncation"
+    if missing:
+        return f"missing {', '.join(missing)}"
+    ids = (len(tokenizer.encoder), tokenizer.sot_token_id, tokenizer.eot_token_id)
+    if ids != (CLIP_VOCAB_SIZE, CLIP_SOT_ID, CLIP_EOT_ID):
+        return f"vocabulary / SOT / EOT are {ids}, expected {(CLIP_VOCAB_SIZE, CLIP_SOT_ID, CLIP_EOT_ID)}"
+    if getattr(tokenizer, "reduction_fn", None) is not None:
+        return "it uses a reduction_mask instead of plain truncation"
+    return None
+
+
+def _is_wordpiece(tokenizer: Any) -> bool:
+    """A Hugging Face fast tokenizer with a mask token (BERT's WordPiece, MiniLM's): its encodings
+    map each token to the word it came from."""
+    return bool(getattr(tokenizer, "is_fast", False)) and getattr(tokenizer, "mask_token_id", None) is not None
+
+
+def _masker(tokenizer: Any) -> "_ClipMasker | _WordPieceMasker":
+    """The masking rules of ``tokenizer``'s kind, or a ConfigError naming what KER accepts."""
+    if _is_wordpiece(tokenizer):
+        return _WordPieceMasker(tokenizer)
+    problem = _clip_problem(tokenizer)
     if problem:
         raise ConfigError(
-            f"KER keyword masking needs open_clip's CLIP BPE tokenizer (SimpleTokenizer); got "
-            f"{type(tokenizer).__name__} ({problem}); use an open_clip CLIP backbone, or set ker_weight=0 to turn KER off"
+            f"KER keyword masking needs open_clip's CLIP BPE tokenizer (SimpleTokenizer) or a Hugging Face fast "
+            f"tokenizer with a mask token; got {type(tokenizer).__name__} ({problem}); use such a backbone, or set ker_weight=0 to turn KER off"
         )
+    return _ClipMasker(tokenizer)
 
 
 def _clean_fn(tokenizer: Any) -> Callable[[str], str]:
@@ -119,10 +135,9 @@ def _clean_fn(tokenizer: Any) -> Callable[[str], str]:
     return lambda text: whitespace_clean(basic_clean(text)).lower()
 
 
-def _word_ids(tokenizer: Any, word: str) -> list[int]:
-    """BPE ids of one pre-tokenised word, exactly as ``SimpleTokenizer.encode`` computes them."""
-    unicode_word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
-    return [tokenizer.encoder[piece] for piece in tokenizer.bpe(unicode_word).split(" ")]
+def ker_vocab_size(tokenizer: Any) -> int:
+    """The MLM head's output size for ``tokenizer``: its vocabulary (CLIP's 49,408 unless it is a WordPiece one)."""
+    return len(tokenizer) if _is_wordpiece(tokenizer) else CLIP_VOCAB_SIZE
 
 
 def _truncate(ids: list[int], flags: list[bool], length: int, eot: int) -> tuple[list[int], list[bool]]:
@@ -134,34 +149,70 @@ def _truncate(ids: list[int], flags: list[bool], length: int, eot: int) -> tuple
     return ids, flags
 
 
-def _corrected_row(caption: str, keys: set[str], tokenizer: Any, clean: Callable[[str], str], length: int):
-    """Corrected mapping (methods.md 4.2): every sub-token of every keyword word is masked."""
-    ids, flags = [tokenizer.sot_token_id], [False]
-    for word in tokenizer.pat.findall(clean(caption)):
-        pieces = _word_ids(tokenizer, word)
-        ids += pieces
-        flags += [word.lower() in keys] * len(pieces)
-    ids.append(tokenizer.eot_token_id)
-    flags.append(False)
-    return _truncate(ids, flags, length, tokenizer.eot_token_id)
-
-
-def _faithful_row(caption: str, keys: set[str], tokenizer: Any, clean: Callable[[str], str], length: int):
+def _offset_flags(caption: str, keys: set[str], n_ids: int) -> list[bool]:
     """Original-code bug (methods.md 4.2): whitespace word i is a keyword -> mask sequence position i.
 
     The raw whitespace word is compared as is (no lower-casing, no punctuation stripping), so
-    "airport." or "Airport" is not the keyword "airport". Positions at or past EOT are skipped,
-    so EOT (which the text encoder pools) is never masked."""
-    ids = [tokenizer.sot_token_id] + tokenizer.encode(caption) + [tokenizer.eot_token_id]
-    ids, _ = _truncate(ids, [False] * len(ids), length, tokenizer.eot_token_id)
-    eot_position = len(ids) - 1
-    flags = [False] * len(ids)
-    for index, word in enumerate(caption.split()):
-        if index >= eot_position:
-            break
-        if word in keys:
-            flags[index] = True
-    return ids, flags
+    "airport." or "Airport" is not the keyword "airport". Positions at or past the last token
+    (EOT, which the text encoder pools) are skipped."""
+    flags = [False] * n_ids
+    for index, word in enumerate(caption.split()[: n_ids - 1]):
+        flags[index] = word in keys
+    return flags
+
+
+class _ClipMasker:
+    """open_clip's CLIP BPE: rows [SOT, bpe ids..., EOT], masked with MASK_ID."""
+
+    mask_id = MASK_ID
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.clean = tokenizer, _clean_fn(tokenizer)
+        self.default_length = getattr(tokenizer, "context_length", None)
+
+    def _word_ids(self, word: str) -> list[int]:
+        """BPE ids of one pre-tokenised word, exactly as ``SimpleTokenizer.encode`` computes them."""
+        tok = self.tokenizer
+        return [tok.encoder[piece] for piece in tok.bpe("".join(tok.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")]
+
+    def corrected(self, caption: str, keys: set[str], length: int) -> tuple[list[int], list[bool]]:
+        """Every sub-token of every keyword word (a match of the tokenizer's ``pat``) is masked."""
+        tok = self.tokenizer
+        ids, flags = [tok.sot_token_id], [False]
+        for word in tok.pat.findall(self.clean(caption)):
+            pieces = self._word_ids(word)
+            ids += pieces
+            flags += [word.lower() in keys] * len(pieces)
+        return _truncate(ids + [tok.eot_token_id], flags + [False], length, tok.eot_token_id)
+
+    def faithful(self, caption: str, keys: set[str], length: int) -> tuple[list[int], list[bool]]:
+        tok = self.tokenizer
+        ids = [tok.sot_token_id] + tok.encode(caption) + [tok.eot_token_id]
+        ids, _ = _truncate(ids, [False] * len(ids), length, tok.eot_token_id)
+        return ids, _offset_flags(caption, keys, len(ids))
+
+
+class _WordPieceMasker:
+    """A Hugging Face fast tokenizer (non-paper: the papers use CLIP's BPE): rows as the backbone
+    tokenises them ([CLS], pieces..., [SEP], truncated with [SEP] kept), masked with its [MASK]."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.mask_id = tokenizer, int(tokenizer.mask_token_id)
+        self.default_length = getattr(tokenizer, "model_max_length", None)
+
+    def _encode(self, caption: str, length: int):
+        return self.tokenizer(caption, truncation=True, max_length=length)
+
+    def corrected(self, caption: str, keys: set[str], length: int) -> tuple[list[int], list[bool]]:
+        """Every piece of every keyword word (a word of the tokenizer's pre-tokeniser, which splits
+        punctuation off) is masked; special tokens never are."""
+        enc = self._encode(caption, length)
+        words = {w: caption[slice(*enc.word_to_chars(w))].lower() for w in set(enc.word_ids()) if w is not None}
+        return list(enc["input_ids"]), [w is not None and words[w] in keys for w in enc.word_ids()]
+
+    def faithful(self, caption: str, keys: set[str], length: int) -> tuple[list[int], list[bool]]:
+        ids = list(self._encode(caption, length)["input_ids"])
+        return ids, _offset_flags(caption, keys, len(ids))
 
 
 def mask_keywords(
@@ -173,28 +224,27 @@ def mask_keywords(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked_ids [N, L], labels [N, L]), both long (methods.md 4.2).
 
-    Rows are [SOT, bpe ids..., EOT, 0...] truncated to L = ``context_length`` (default the
-    tokenizer's) with EOT kept last. Masked positions hold MASK_ID and their label is the original
-    id; every other label is 0 (ignored). Corrected (default): a pre-tokenised word (a match of the
-    tokenizer's ``pat`` on the cleaned caption) whose lower-cased form is a keyword has all of its
-    sub-tokens masked. ``faithful_offset=True``: see ``_faithful_row``.
+    Rows are the tokenizer's [start, ids..., end, 0...] truncated to L = ``context_length``
+    (default the tokenizer's) with the end token kept last. Masked positions hold the mask id
+    (CLIP: MASK_ID; WordPiece: [MASK]) and their label is the original id; every other label is 0
+    (ignored). Corrected (default): a pre-tokenised word whose lower-cased form is a keyword has all
+    of its sub-tokens masked. ``faithful_offset=True``: see ``_offset_flags``.
     """
-    _require_clip_tokenizer(tokenizer)
+    masker = _masker(tokenizer)
     if isinstance(captions, str):
         captions = [captions]
-    length = context_length if context_length is not None else getattr(tokenizer, "context_length", None)
+    length = context_length if context_length is not None else masker.default_length
     if not isinstance(length, int) or length < 2:
         raise ConfigError(f"KER context_length must be an integer >= 2 (room for SOT and EOT), got {length!r}")
-    row_fn = _faithful_row if faithful_offset else _corrected_row
+    row_fn = masker.faithful if faithful_offset else masker.corrected
     keys = set(keywords) if faithful_offset else {k.lower() for k in keywords}
-    clean = _clean_fn(tokenizer)
     masked = torch.zeros(len(captions), length, dtype=torch.long)
     labels = torch.zeros(len(captions), length, dtype=torch.long)
     for row, caption in enumerate(captions):
-        ids, flags = row_fn(caption, keys, tokenizer, clean, length)
+        ids, flags = row_fn(caption, keys, length)
         original = torch.tensor(ids, dtype=torch.long)
         where = torch.tensor(flags, dtype=torch.bool)
-        masked[row, : len(ids)] = torch.where(where, torch.full_like(original, MASK_ID), original)
+        masked[row, : len(ids)] = torch.where(where, torch.full_like(original, masker.mask_id), original)
         labels[row, : len(ids)] = torch.where(where, original, torch.zeros_like(original))
     return masked, labels
 
@@ -370,5 +420,5 @@ def ker_loss(head: KerHead, text_tokens: torch.Tensor, image_tokens: torch.Tenso
 
 __all__ = [
     "FUNCTION_WORDS", "MASK_ID", "IGNORE_LABEL", "KerHead", "QuickGELU", "ResidualBlock", "attend", "head_count",
-    "keyword_statistics", "keyword_vocabulary", "ker_loss", "mask_keywords", "mlm_loss", "query_slots",
+    "keyword_statistics", "keyword_vocabulary", "ker_loss", "ker_vocab_size", "mask_keywords", "mlm_loss", "query_slots",
 ]

@@ -16,6 +16,7 @@ from rsnc_builtin_methods.keywords import (
     attend,
     head_count,
     ker_loss,
+    ker_vocab_size,
     keyword_statistics,
     keyword_vocabulary,
     mask_keywords,
@@ -167,6 +168,42 @@ def test_faithful_truncation_never_masks_eot_or_beyond(tok):
     masked, labels = mask_keywords([caption], ["planes"], tok, context_length=4, faithful_offset=True)
     assert masked[0].tolist() == [MASK_ID, MASK_ID, MASK_ID, EOT]
     assert labels[0].tolist() == [SOT] + ids_of(tok, "planes") * 2 + [0]
+
+
+# ----------------------------------------------------------------------------- WordPiece masking (non-paper)
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """A tiny uncased BERT WordPiece tokenizer whose vocabulary splits planes and airport into pieces."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "plane", "##s", "air", "##port", "near", ".", "many"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def test_wordpiece_masks_every_piece_of_a_keyword_and_no_special_token(wordpiece):
+    ids = lambda *words: [wordpiece.convert_tokens_to_ids(w) for w in words]  # noqa: E731
+    masked, labels = mask_keywords(["Many planes near the Airport."], {"planes", "Airport"}, wordpiece, context_length=12)
+    row = ids("[CLS]", "many", "plane", "##s", "near", "the", "air", "##port", ".", "[SEP]") + [0, 0]
+    hit = [False, False, True, True, False, False, True, True, False, False, False, False]
+    mask_id = wordpiece.mask_token_id
+    assert masked[0].tolist() == [mask_id if h else t for t, h in zip(row, hit)]
+    assert labels[0].tolist() == [t if h else 0 for t, h in zip(row, hit)]
+    assert ker_vocab_size(wordpiece) == 14
+
+
+def test_wordpiece_truncation_keeps_sep_last_and_unmasked(wordpiece):
+    masked, labels = mask_keywords(["many planes near the airport"], ["planes", "airport"], wordpiece, context_length=5)
+    sep, mask_id = wordpiece.sep_token_id, wordpiece.mask_token_id
+    assert masked[0].tolist() == [wordpiece.cls_token_id, wordpiece.convert_tokens_to_ids("many"), mask_id, mask_id, sep]
+    assert labels[0, -1].item() == 0 and (labels[0] != 0).sum().item() == 2
+
+
+def test_wordpiece_faithful_masks_the_position_of_the_word_index(wordpiece):
+    masked, labels = mask_keywords(["Many planes near the Airport."], {"planes", "airport"}, wordpiece, context_length=12, faithful_offset=True)
+    # word 1 ("planes") -> position 1 ("many"); "Airport." is not the raw keyword "airport"
+    assert labels[0].nonzero().flatten().tolist() == [1] and labels[0, 1].item() == wordpiece.convert_tokens_to_ids("many")
+    assert masked[0, 1].item() == wordpiece.mask_token_id
 
 
 # ----------------------------------------------------------------------------- errors
