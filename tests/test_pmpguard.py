@@ -400,6 +400,28 @@ def test_mined_pairs_give_the_full_matrix_gradient():
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_mining_among_the_top_k_scores_only_the_candidates_and_takes_their_hardest():
+    full, mined = method(rows=12), method(rows=12, mine_top_k=2)
+    mined.load_state_dict(full.state_dict())
+    batch = token_batch(list(range(12)))
+    texts, images = full.backbone.encode_text(batch.text, tokens=True), full.backbone.encode_image(batch.images, tokens=True)
+    words, regions = full.parts(texts, images)
+    with torch.no_grad():
+        want = full.batch_grid(words, regions, texts, images)
+        got = mined.batch_grid(words, regions, texts, images)
+    g = torch.nn.functional.normalize(texts.embedding, dim=-1) @ torch.nn.functional.normalize(images.embedding, dim=-1).T
+    off = g.detach().fill_diagonal_(-math.inf)
+    candidate = torch.eye(12, dtype=torch.bool) | (off >= off.topk(2, dim=1).values[:, -1:]) | (off >= off.topk(2, dim=0).values[-1:])
+    assert torch.equal(~got["score"].isnan(), candidate) and candidate.sum() < 12 * 12 / 2
+    torch.testing.assert_close(got["score"][candidate], want["score"][candidate], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["word_max"][candidate], want["word_max"][candidate], atol=1e-5, rtol=1e-5, equal_nan=True)
+    out = mined.training_loss(batch)  # the triplet's negatives: the hardest candidates
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and mined.cga.affinity.grad is not None
+    with pytest.raises(ConfigError, match="mine_top_k >= 0"):
+        pmp.PmpGuardConfig(mine_top_k=-1)
+
+
 class WideTokenBackbone(nn.Module):
     """A token stub large enough that the mined pairs' gathered parts exceed the 32,768 elements
     above which the CPU's accumulating index_put_ runs in parallel: 12 word positions (padded by
