@@ -186,6 +186,14 @@ class Ebaker(ClipPipeline):
         if self.config.ker_vocab == "labels":
             self.ker_vocab_ids = torch.unique(self.ker_labels[self.ker_labels != IGNORE_LABEL])
 
+    def derived_texts(self, captions: Sequence[str], tokenizer) -> torch.Tensor | None:
+        """KER's masked captions, built here if start_epoch has not built them yet."""
+        if self.ker is None:
+            return None
+        if not len(self.ker_ids):
+            self._build_keywords(captions, tokenizer)
+        return self.ker_ids
+
     def start_epoch(self, ctx: EpochContext) -> None:
         cfg = self.config
         if self.ker is not None and not len(self.ker_ids):  # first epoch, or resumed (the masked ids are not saved)

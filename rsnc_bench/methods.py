@@ -130,6 +130,11 @@ class Method(nn.Module):
     def start_epoch(self, ctx: EpochContext) -> None:
         """Bookkeeping before each epoch: a vocabulary from ``ctx.captions``, self-paced splits."""
 
+    def derived_texts(self, captions: Sequence[str], tokenizer: Callable | None) -> torch.Tensor | None:
+        """Token rows the method will encode besides the train captions (KER's masked copies), or
+        None. With frozen trunks the cell computes the text trunk's outputs for them once per grid."""
+        return None
+
     def param_groups(self) -> list[dict[str, Any]] | None:
         """Optimiser parameter groups with their own ``lr_scale`` (e.g. new heads at 10x).
         None: the trainer's default groups over all trainable parameters."""

@@ -88,3 +88,23 @@ def test_a_copy_of_the_backbone_shares_the_held_rows(bert_dir, tmp_path):
     calls = counting(twin._text_trunk)
     assert torch.allclose(twin.encode_text(pixels.text).embedding, backbone.encode_text(pixels.text).embedding)
     assert calls == []
+
+
+def test_kers_masked_captions_are_filled_once_per_grid(bert_dir, tmp_path):
+    """A method's derived texts (KER's masked copies) go through the frozen text trunk once, from the shared file."""
+    from rsnc_bench.engine.trunk_outputs import fill_text
+    from rsnc_bench.methods import EpochContext
+    from rsnc_builtin_methods.ebaker import Ebaker
+
+    captions = ["two planes near the airport", "a river", "green trees near a river", "many buildings"]
+    method = Ebaker(frozen(bert_dir))
+    masked = method.derived_texts(captions, method.backbone.tokenizer)
+    assert (masked == method.backbone.tokenizer.mask_token_id).any()
+    fill_text(method.backbone._text_trunk, masked, tmp_path)
+    later = Ebaker(frozen(bert_dir))
+    later.start_epoch(EpochContext(1, 5, 4, 1, CPU, captions, later.backbone.tokenizer))
+    assert torch.equal(later.ker_ids, masked)  # start_epoch builds what derived_texts gave
+    fill_text(later.backbone._text_trunk, later.derived_texts(captions, later.backbone.tokenizer), tmp_path)
+    calls = counting(later.backbone._text_trunk)
+    later.backbone.encode_text(masked)
+    assert calls == []  # read from the file the first method wrote

@@ -35,7 +35,7 @@ from rsnc_bench.engine.evaluate import EVAL_PRECISION, evaluate, own_metrics
 from rsnc_bench.engine.signals import PairScores
 from rsnc_bench.engine.stream_data import StreamTrainData
 from rsnc_bench.engine.trainer import Diverged, TrainConfig, Trainer, TrainOutcome, resolve_device
-from rsnc_bench.engine.trunk_outputs import trunk_split
+from rsnc_bench.engine.trunk_outputs import fill_text, trunk_split
 from rsnc_bench.environment import environment
 from rsnc_bench.errors import ConfigError, RsncError
 from rsnc_bench.methods import METHODS, TRAIN_ROWS, Method, MethodConfig, Registered
@@ -307,6 +307,9 @@ def _train_and_evaluate(spec: CellSpec, store: ResultStore, device_name: str | N
         val, test = outputs(val), outputs(test)
         if not tconfig.augment and isinstance(train, SplitTensors):  # augmented crops differ every epoch: pixels, memoised
             train = outputs(train)
+        derived = method.derived_texts(cell.train_split.captions, getattr(method.backbone, "tokenizer", None))
+        if derived is not None:  # e.g. KER's masked captions
+            fill_text(method.backbone.frozen_trunks().text, derived.cpu(), cache / "trunks")
     clean = cell.manifest.clean
     rows = TRAIN_ROWS[spec.method.rows](clean)  # a data variant (the oracle) trains on the clean rows only
     record.noise["train_rows_used"] = int(len(rows))

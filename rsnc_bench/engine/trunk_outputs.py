@@ -31,7 +31,7 @@ def trunk_split(split: SplitTensors, backbone: DualEncoder, folder: Path, device
     """``split`` with its images replaced by the image trunk's outputs (and the text memo filled)."""
     trunks = backbone.frozen_trunks()
     assert isinstance(trunks.image, TrunkMemo) and isinstance(trunks.text, TrunkMemo), "frozen trunks are memoised"
-    _fill_text(trunks.text, split.text, folder)
+    fill_text(trunks.text, split.text, folder)
     outputs = _cached(folder / f"image-{_key(trunks.image, backbone, split.images, split.sizes)}.pt",
                       lambda: _image_outputs(trunks.image, backbone, split, device))
     return SplitTensors(outputs, split.text, split.img_of)
@@ -47,7 +47,8 @@ def _image_outputs(memo: TrunkMemo, backbone: DualEncoder, split: SplitTensors, 
     return torch.cat(out)
 
 
-def _fill_text(memo: TrunkMemo, text: torch.Tensor, folder: Path) -> None:
+def fill_text(memo: TrunkMemo, text: torch.Tensor, folder: Path) -> None:
+    """The text memo holds the trunk's outputs for every row of ``text``, read from (or written to) ``folder``."""
     def compute() -> dict:
         memo.fill(text, BATCH)
         held = memo.held(text)
