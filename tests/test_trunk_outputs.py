@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rsnc_bench.backbones.base import BACKBONES
@@ -52,7 +53,7 @@ def test_outputs_in_place_of_pixels_encode_exactly_as_the_pixels(bert_dir, tmp_p
 def test_a_later_cell_reads_the_files_and_other_weights_compute_their_own(bert_dir, tmp_path):
     first = frozen(bert_dir)
     want = trunk_split(split(first), first, tmp_path, CPU).images
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in tmp_path.glob("*.pt"))
     assert len(files) == 2 and {f.split("-")[0] for f in files} == {"image", "text"}
 
     later = frozen(bert_dir)  # another cell: same trunks, a fresh process memo
@@ -108,3 +109,28 @@ def test_kers_masked_captions_are_filled_once_per_grid(bert_dir, tmp_path):
     calls = counting(later.backbone._text_trunk)
     later.backbone.encode_text(masked)
     assert calls == []  # read from the file the first method wrote
+
+
+def test_a_worker_waits_for_the_file_another_is_computing(tmp_path):
+    import threading
+    import time
+
+    from rsnc_bench.engine import trunk_outputs
+
+    if trunk_outputs.fcntl is None:
+        pytest.skip("no flock on this platform")
+    path = tmp_path / "image-key.pt"
+    started = threading.Event()
+
+    def slow() -> torch.Tensor:
+        started.set()
+        time.sleep(0.3)
+        return torch.ones(2)
+
+    first = threading.Thread(target=trunk_outputs._cached, args=(path, slow))
+    first.start()
+    started.wait()
+    calls = []
+    got = trunk_outputs._cached(path, lambda: calls.append(1) or torch.zeros(2))
+    first.join()
+    assert calls == [] and torch.equal(got, torch.ones(2))  # waited and read the first's file

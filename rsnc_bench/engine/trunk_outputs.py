@@ -11,6 +11,7 @@ Exact: the same trunk on the same inputs, in evaluation mode, as the memo would 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,11 @@ from rsnc_bench.backbones.trunk_memo import TrunkMemo
 from rsnc_bench.engine.batches import Preprocess, SplitTensors
 from rsnc_bench.engine.embedding_cache import BLOCK, update_hash
 from rsnc_bench.paths import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, at worst two workers compute the same file
+    fcntl = None
 
 KEY_VERSION = "1"  # bump when what an output depends on changes outside the hashed inputs
 BATCH = 64  # rows per trunk forward
@@ -73,14 +79,39 @@ def _key(memo: TrunkMemo, backbone: DualEncoder | None, inputs, sizes: torch.Ten
     return h.hexdigest()
 
 
-def _cached(path: Path, compute: Callable):
-    """``compute()``, or what an earlier call saved at ``path``."""
+def _load(path: Path):
     if path.exists():
         try:
             return torch.load(path, weights_only=True, mmap=True)  # pages shared by the workers reading one file
         except Exception:  # noqa: BLE001 (a truncated or foreign file: compute again and replace it)
             pass
-    value = compute()
+    return None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An flock on ``path`` where the platform has one: the grid's workers compute each file once."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cached(path: Path, compute: Callable):
+    """``compute()``, or what an earlier call saved at ``path``; a worker that finds another
+    computing it waits for that file instead of computing it too."""
+    value = _load(path)
+    if value is not None:
+        return value
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(value, fh))
+    with _exclusive(path.with_name(path.name + ".lock")):
+        value = _load(path)
+        if value is None:
+            value = compute()
+            atomic_write(path, lambda fh: torch.save(value, fh))
     return value
