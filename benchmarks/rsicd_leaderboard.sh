@@ -20,3 +20,4 @@ rsnc-bench report --out "$runs" --report-dir "$results/report"
   mkdir -p "$results/cells/$(dirname "$cell")"
   cp "$runs/$cell" "$results/cells/$cell"
 done
+python benchmarks/leaderboard_reading.py "$results/cells" > "$results/reading.md"
