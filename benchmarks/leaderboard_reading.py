@@ -65,7 +65,7 @@ def table(protocol: str, rate: float, runs: dict[str, dict[int, dict]]) -> list[
             ref = np.array([base[s]["test"]["mr"] for s in shared])
             diffs = own - ref
             test = sign_flip_test(own, ref)
-            paired = (f"{diffs.mean():+.2f} ± {np.std(diffs, ddof=1):.2f}", f"{int((diffs > 0).sum())}/{len(diffs)}",
+            paired = (f"{diffs.mean():+.2f}" + (f" ± {np.std(diffs, ddof=1):.2f}" if len(diffs) > 1 else ""), f"{int((diffs > 0).sum())}/{len(diffs)}",
                       f"{test.p_value:.2f}", verdict(diffs, list(own), list(ref)))
         else:
             paired = ("—", "—", "—", "—")
@@ -73,6 +73,26 @@ def table(protocol: str, rate: float, runs: dict[str, dict[int, dict]]) -> list[
         epochs = ",".join(str(runs[method][s]["selected_epoch"]) for s in seeds)
         lines.append(f"| {method} | {spread(mr)} | {' | '.join(paired)} | {spread(auroc) if auroc else '—'} | {epochs} |")
     return lines + [""]
+
+
+def matrix(cells: dict, value) -> list[str]:
+    """Methods x (protocol, rate): ``value(records)`` of each configuration ("" where none)."""
+    columns = sorted(cells, key=lambda k: (k[0] != "rrsitr", k[0], k[1]))
+    methods = sorted({m for runs in cells.values() for m in runs}, key=lambda m: (m != BASELINE, m))
+    lines = ["| method | " + " | ".join(f"{p} {r:g}" for p, r in columns) + " |", "|---|" + "---|" * len(columns)]
+    for method in methods:
+        row = [value(list(cells[c].get(method, {}).values())) for c in columns]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def test_mr(records: list[dict]) -> str:
+    return spread([r["test"]["mr"] for r in records]) if records else ""
+
+
+def auroc(records: list[dict]) -> str:
+    values = [r["detection"]["auroc"] for r in records if (r.get("detection") or {}).get("auroc") is not None]
+    return spread(values) if values else ""
 
 
 def main() -> None:
@@ -84,6 +104,8 @@ def main() -> None:
            "(same noise, same seed); verdict: **better** / **worse** when every difference has the same sign and "
            "the mean exceeds the larger seed std of the two methods; AUROC: the method's own clean-ness signal "
            "against the injected noise at the selected epoch; selected epochs by seed.", ""]
+    out += ["## Test mR", ""] + matrix(cells, test_mr) + ["## Noise detection: AUROC of each method's clean-ness signal", ""]
+    out += matrix(cells, auroc) + ["## Each configuration against clip-ft", ""]
     for (protocol, rate) in sorted(cells, key=lambda k: (k[0] != "rrsitr", k[0], k[1])):
         out += table(protocol, rate, cells[(protocol, rate)])
     print("\n".join(out))
