@@ -117,6 +117,11 @@ def pairs_per_block(words: Words, regions: Regions) -> int:
     return max(1, budget // (max(m, n) * max(d, n)))
 
 
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision parts in fp32; fp32 and fp64 parts as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def unscored_as(score: torch.Tensor, value: float) -> torch.Tensor:
     """``score`` with its unscored (NaN) pairs set to ``value``, e.g. -inf before an argmax."""
     return score.masked_fill(score.isnan(), value)
@@ -185,7 +190,6 @@ class PmpGuard(Method):
         if not n_t or not n_i:
             return {name: torch.full((n_t, n_i) + ((m,) if name == "word_max" else ()), math.nan, device=device) for name in want}
         boundary, cfg = float(self.boundary()), self.config
-        fp32 = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731 (fp32 and fp64 parts as they are)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):  # fp32 under any training autocast, as evaluation
             words, copies = distinct_texts(words.map(fp32))
             regions = regions.map(fp32)
@@ -229,8 +233,7 @@ class PmpGuard(Method):
         m = words.tokens.shape[1]
         out = {"score": torch.full((n, n), math.nan, device=g.device), "word_max": torch.full((n, n, m), math.nan, device=g.device)}
         block = pairs_per_block(words, regions)
-        with torch.no_grad(), torch.autocast(g.device.type, enabled=False):  # fp32, as the grid
-            fp32 = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731 (as the grid)
+        with torch.no_grad(), full_precision(g.device):  # fp32, as the grid
             words, regions = words.map(fp32), regions.map(fp32)
             for start in range(0, len(text_idx), block):
                 t, i = text_idx[start: start + block], image_idx[start: start + block]
